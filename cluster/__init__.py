@@ -1,0 +1,1 @@
+"""Places trainer workers on machines: the `dcgan` command line and, later, Ray orchestration."""

@@ -1,0 +1,142 @@
+"""The `dcgan` command line: train, sample, data convert."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Failures caused by input (config, files, data) that deserve one line, not a traceback."""
+    from data_shards.fashion_mnist import DatasetMissing
+    from data_shards.idx import IdxError
+    from data_shards.manifest import ShardSetError
+    from trainer.checkpoint_io import CheckpointError
+    from trainer.config import ConfigError
+    from trainer.step import NonFiniteLoss
+
+    return (ConfigError, ShardSetError, CheckpointError, DatasetMissing, IdxError, NonFiniteLoss)
+
+
+def _quiet_deepspeed() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # skips DeepSpeed's accelerator probe and its warning
+    import logging
+
+    import deepspeed  # noqa: F401  (creates its logger, which we then quieten)
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    if args.nproc > 1 and "RANK" not in os.environ:
+        # Re-launch under torchrun: one process per rank on this machine.
+        argv, skip = [], False
+        for a in args.argv:
+            if skip or a.startswith("--nproc="):
+                skip = False
+                continue
+            skip = a == "--nproc"
+            if not skip:
+                argv.append(a)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+               "-m", "cluster.cli", *argv]
+        return subprocess.call(cmd)
+
+    from trainer.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    _quiet_deepspeed()
+    from trainer.loop import Trainer
+
+    trainer = Trainer(cfg)
+    if args.resume:
+        trainer.resume(args.resume)
+    state = trainer.fit()
+    if trainer.ctx.is_main:
+        print(f"done: {state.step} steps, run folder {cfg.logging.run_dir}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from trainer.checkpoint import load_generator_weights
+    from trainer.config import config_from_dict
+    from trainer.models import Generator, sample_z
+    from trainer.sampling import generate, save_grid
+
+    config, weights = load_generator_weights(args.checkpoint)
+    cfg = config_from_dict(config)
+    generator = Generator(cfg.model)
+    generator.load_state_dict(weights)
+    z = sample_z(args.n, cfg.model, torch.Generator().manual_seed(args.seed))
+    out = save_grid(generate(generator, z), args.out, nrow=args.nrow)
+    print(f"wrote {args.n} samples to {out}")
+    return 0
+
+
+def cmd_data_convert(args: argparse.Namespace) -> int:
+    from data_shards.convert import convert
+
+    manifest = convert(args.source, args.input, args.out, resolution=args.resolution,
+                       shard_size=args.shard_size, split=args.split, overwrite=args.overwrite)
+    print(f"{args.out}: {manifest.total} samples in {len(manifest.shards)} shards, "
+          f"{len(manifest.skipped)} skipped")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dcgan", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train G and D (one process, or --nproc N ranks)")
+    train.add_argument("--config", type=Path, help="TOML preset, e.g. configs/fashion-mnist-32.toml")
+    train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override one config value (repeatable), e.g. --set optim.lr=1e-4")
+    train.add_argument("--resume", metavar="PATH", help="a run folder or one checkpoint folder to continue from")
+    train.add_argument("--nproc", type=int, default=1, help="ranks on this machine (launched with torchrun)")
+    train.set_defaults(func=cmd_train)
+
+    sample = sub.add_parser("sample", help="a grid of samples from a checkpoint's generator")
+    sample.add_argument("--checkpoint", required=True, help="a checkpoint folder or a run folder (newest)")
+    sample.add_argument("--n", type=int, default=64)
+    sample.add_argument("--nrow", type=int, default=None)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--out", default="grid.png")
+    sample.set_defaults(func=cmd_sample)
+
+    data = sub.add_parser("data", help="build shard sets").add_subparsers(dest="data_command", required=True)
+    conv = data.add_parser("convert", help="a source data set -> WebDataset shards + manifest")
+    conv.add_argument("--source", default="fashion-mnist", choices=["fashion-mnist"])
+    conv.add_argument("--input", help="source folder (default: where the source's Debian package puts it)")
+    conv.add_argument("--out", required=True)
+    conv.add_argument("--resolution", type=int, default=32)
+    conv.add_argument("--shard-size", type=int, default=5000)
+    conv.add_argument("--split", default="train", choices=["train", "test"])
+    conv.add_argument("--overwrite", action="store_true")
+    conv.set_defaults(func=cmd_data_convert)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    try:
+        return args.func(args)
+    except _user_errors() as e:
+        print(f"dcgan: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dcgan: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""DCGAN training: configuration, models, the GAN step and loop, engines, checkpoints, metrics."""

@@ -1,0 +1,137 @@
+"""Checkpoints of the whole training state, written atomically, the newest K kept.
+
+A checkpoint is a folder `step-XXXXXXXX/` holding
+- generator/, discriminator/: each engine's DeepSpeed checkpoint (weights, optimiser state
+  including every rank's ZeRO partition);
+- rank-XXXXX.pt: that rank's RNG states and loss-scaler state;
+- trainer.json: step, epoch, position in the epoch, world size and the resolved config.
+It is assembled under a hidden `.tmp-step-XXXXXXXX/` name and renamed once every rank has
+written its part, so a folder named step-* is always complete: a crash mid-save leaves only a
+temp folder, which the next save removes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.checkpoint_io import CheckpointError, safe_load
+from trainer.distributed import DistContext, barrier
+from trainer.engines import GanEngines
+
+PREFIX = "step-"
+META_NAME = "trainer.json"
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimiser steps completed (G and D each stepped once per step)
+    epoch: int = 0
+    step_in_epoch: int = 0  # batches of `epoch` already consumed
+    skipped_steps: int = 0  # steps dropped for a non-finite loss (checkpoint.on_nonfinite = "skip")
+
+
+def _rank_file(folder: Path, rank: int) -> Path:
+    return folder / f"rank-{rank:05d}.pt"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def list_checkpoints(folder: str | Path) -> list[Path]:
+    """Complete checkpoints under `folder`, oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir()
+                  if p.is_dir() and p.name.startswith(PREFIX) and (p / META_NAME).is_file())
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder itself, or the newest one in a run folder or a checkpoints/ folder."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"resume path {path} does not exist")
+    if (path / META_NAME).is_file():
+        return path
+    for folder in (path / "checkpoints", path):
+        found = list_checkpoints(folder)
+        if found:
+            return found[-1]
+    raise CheckpointError(f"no complete checkpoint (a {PREFIX}* folder with {META_NAME}) in {path}")
+
+
+def read_meta(checkpoint: str | Path) -> dict[str, Any]:
+    path = Path(checkpoint) / META_NAME
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"unreadable {path}: {e}") from None
+
+
+class Checkpointer:
+    def __init__(self, folder: str | Path, ctx: DistContext, keep_last: int, config: dict[str, Any]):
+        self.folder, self.ctx, self.keep_last, self.config = Path(folder), ctx, keep_last, config
+        self.last_saved_step: int | None = None
+
+    def save(self, state: TrainState, engines: GanEngines, rank_state: dict[str, Any]) -> Path:
+        name = f"{PREFIX}{state.step:08d}"
+        final, tmp = self.folder / name, self.folder / f".tmp-{name}"
+        if self.ctx.is_main:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            for stale in self.folder.glob(".tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+        barrier()
+        for tag, engine in engines.items():
+            engine.save_checkpoint(str(tmp), tag=tag, save_latest=False)
+        torch.save(rank_state, _rank_file(tmp, self.ctx.rank))
+        barrier()
+        if self.ctx.is_main:
+            meta = {**asdict(state), "world_size": self.ctx.world_size, "config": self.config}
+            (tmp / META_NAME).write_text(json.dumps(meta, indent=1))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.folder)
+            for old in list_checkpoints(self.folder)[:-self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        barrier()
+        self.last_saved_step = state.step
+        return final
+
+    def load(self, path: str | Path, engines: GanEngines) -> tuple[TrainState, dict[str, Any]]:
+        checkpoint = resolve_checkpoint(path)
+        meta = read_meta(checkpoint)
+        if meta.get("world_size") != self.ctx.world_size:
+            raise CheckpointError(f"{checkpoint} was written by {meta.get('world_size')} rank(s); "
+                                  f"resume it with the same number, not {self.ctx.world_size}")
+        for tag, engine in engines.items():
+            loaded, _ = engine.load_checkpoint(str(checkpoint), tag=tag, load_module_strict=True)
+            if loaded is None:
+                raise CheckpointError(f"{checkpoint}/{tag}: DeepSpeed found no checkpoint to load")
+        rank_state = safe_load(_rank_file(checkpoint, self.ctx.rank))
+        state = TrainState(**{k: meta[k] for k in TrainState.__dataclass_fields__})
+        self.last_saved_step = state.step
+        return state, rank_state
+
+
+def load_generator_weights(checkpoint: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(the run's config, G's state_dict) from a checkpoint, without DeepSpeed or a process group."""
+    checkpoint = resolve_checkpoint(checkpoint)
+    meta = read_meta(checkpoint)
+    files = sorted((checkpoint / "generator").glob("mp_rank_*_model_states.pt"))
+    if not files:
+        raise CheckpointError(f"{checkpoint}/generator holds no model states")
+    return meta["config"], safe_load(files[0])["module"]

@@ -1,0 +1,83 @@
+"""Process-group set-up for one process or many, and the few collectives the trainer needs."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> DistContext:
+    """Join the process group set up by torchrun / the deepspeed launcher, or make a group of one.
+
+    Without launcher variables DeepSpeed would look for MPI, so a single process gets a
+    loopback group of its own.
+    """
+    import deepspeed  # deferred: importing DeepSpeed takes seconds
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                                   verbose=False)
+    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def average_batchnorm_stats(module: torch.nn.Module) -> None:
+    """Average BatchNorm running statistics over ranks.
+
+    Each rank normalises with its own batch statistics during training, so running means and
+    variances drift apart (DeepSpeed does not broadcast buffers, and SyncBatchNorm has no CPU
+    path). Averaging, rather than taking rank 0's, makes the saved statistics estimate the
+    whole global batch. Training itself is unaffected: train-mode BN never reads them.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    world = dist.get_world_size()
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            for buf in (m.running_mean, m.running_var):
+                dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+                buf.div_(world)
+
+
+def all_ranks_agree(flag: bool, device: torch.device) -> bool:
+    """True only if `flag` is true on every rank (so all ranks take the same branch)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())

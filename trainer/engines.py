@@ -1,0 +1,61 @@
+"""One DeepSpeed engine per network, each with a config of its own.
+
+A shared config would leak between the nets (DeepSpeed#1975: a scheduler in it applies to
+both), so G and D each get theirs. The optimiser is torch.optim.Adam ("torch_adam") with
+adam_w_mode off: DeepSpeed's "Adam" otherwise silently means AdamW, and its FusedAdam
+JIT-compiles for minutes and does not resume bit-exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from trainer.checkpoint_io import install_safe_loading
+from trainer.config import Config, ConfigError
+from trainer.precision import Precision
+
+
+def engine_config(cfg: Config, world_size: int, precision: Precision) -> dict:
+    if cfg.optim.batch_size % world_size:
+        raise ConfigError(f"optim.batch_size = {cfg.optim.batch_size} must divide evenly over "
+                          f"{world_size} ranks")
+    micro = cfg.optim.batch_size // world_size
+    return {
+        "train_batch_size": cfg.optim.batch_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": 1,
+        "optimizer": {
+            "type": "Adam",
+            "params": {"lr": cfg.optim.lr, "betas": [cfg.optim.beta1, cfg.optim.beta2], "eps": 1e-8,
+                       "weight_decay": 0.0, "torch_adam": True, "adam_w_mode": False},
+        },
+        "zero_optimization": {"stage": cfg.precision.zero_stage},
+        "steps_per_print": 2**31 - 1,
+        **precision.deepspeed_section(),
+    }
+
+
+@dataclass
+class GanEngines:
+    generator: torch.nn.Module  # DeepSpeedEngine wrapping G
+    discriminator: torch.nn.Module  # DeepSpeedEngine wrapping D
+
+    def items(self) -> list[tuple[str, torch.nn.Module]]:
+        return [("generator", self.generator), ("discriminator", self.discriminator)]
+
+
+def build_engines(generator: torch.nn.Module, discriminator: torch.nn.Module, cfg: Config, world_size: int,
+                  precision: Precision) -> GanEngines:
+    import deepspeed
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    engines = []
+    for module in (generator, discriminator):
+        engine, *_ = deepspeed.initialize(model=module, model_parameters=module.parameters(),
+                                          config=engine_config(cfg, world_size, precision))
+        install_safe_loading(engine)
+        engines.append(engine)
+    return GanEngines(*engines)

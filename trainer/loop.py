@@ -1,0 +1,140 @@
+"""The training loop: build everything once, then step, log, sample and checkpoint."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from data_shards.loader import ShardLoader, to_model_range
+from trainer.checkpoint import Checkpointer, TrainState
+from trainer.config import Config, to_toml
+from trainer.distributed import DistContext, average_batchnorm_stats, barrier, init_distributed
+from trainer.engines import GanEngines, build_engines
+from trainer.metrics import MetricsLog, StepMeter
+from trainer.models import build_models, sample_z
+from trainer.precision import Precision
+from trainer.sampling import generate, save_grid
+from trainer.step import GanStep, NonFiniteLoss
+
+
+class Trainer:
+    def __init__(self, cfg: Config, ctx: DistContext | None = None):
+        self.cfg = cfg
+        self.ctx = ctx or init_distributed()
+        torch.set_float32_matmul_precision("high")
+        self.run_dir = Path(cfg.logging.run_dir)
+        if self.ctx.is_main:
+            for sub in ("samples", "checkpoints"):
+                (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.toml").write_text(to_toml(cfg))
+        self.precision = Precision(cfg.precision.dtype, self.ctx.device)
+        self.loader = ShardLoader(
+            cfg.data.shards, rank=self.ctx.rank, world_size=self.ctx.world_size,
+            batch_size=cfg.optim.batch_size // self.ctx.world_size, seed=cfg.optim.seed,
+            channels=cfg.model.channels, resolution=cfg.model.resolution,
+            num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer)
+        generator, discriminator = build_models(cfg.model, cfg.optim.seed)
+        self.engines: GanEngines = build_engines(generator.to(self.ctx.device), discriminator.to(self.ctx.device),
+                                                 cfg, self.ctx.world_size, self.precision)
+        self.noise = torch.Generator().manual_seed(cfg.optim.seed * 100_003 + 1 + self.ctx.rank)
+        self.fixed_z = sample_z(64, cfg.model, torch.Generator().manual_seed(cfg.optim.seed), self.ctx.device)
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", self.ctx, cfg.checkpoint.keep_last,
+                                         cfg.to_dict())
+        if self.loader.steps_per_epoch(0) == 0:
+            raise ValueError(f"{cfg.data.shards} holds {self.loader.manifest.total} samples: fewer than one batch "
+                             f"of {cfg.optim.batch_size // self.ctx.world_size} per rank")
+        self.state = TrainState()
+        self.step_fn = GanStep(self.engines, self.precision, cfg.model, self.ctx, self.noise,
+                               cfg.checkpoint.on_nonfinite)
+
+    @property
+    def total_steps(self) -> int:
+        if self.cfg.optim.max_steps:
+            return self.cfg.optim.max_steps
+        return sum(self.loader.steps_per_epoch(e) for e in range(self.cfg.optim.epochs))
+
+    # --- state that is not in the engines: RNGs and loss scalers ----------------------------------
+    def _rank_state(self) -> dict:
+        scalers = {tag: e.torch_autocast_z0_gradscaler.state_dict()
+                   for tag, e in self.engines.items() if getattr(e, "torch_autocast_z0_gradscaler", None)}
+        state = {"noise_rng": self.noise.get_state(), "torch_rng": torch.get_rng_state(), "grad_scalers": scalers}
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state()
+        return state
+
+    def resume(self, path: str | Path) -> None:
+        self.state, rank_state = self.checkpointer.load(path, self.engines)
+        self.noise.set_state(rank_state["noise_rng"])
+        torch.set_rng_state(rank_state["torch_rng"])
+        if "cuda_rng" in rank_state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rank_state["cuda_rng"])
+        for tag, engine in self.engines.items():
+            if tag in rank_state["grad_scalers"]:
+                engine.torch_autocast_z0_gradscaler.load_state_dict(rank_state["grad_scalers"][tag])
+
+    def save_checkpoint(self) -> None:
+        if self.checkpointer.last_saved_step != self.state.step:
+            self._sync_batchnorm()
+            self.checkpointer.save(self.state, self.engines, self._rank_state())
+
+    def save_samples(self) -> None:
+        self._sync_batchnorm()
+        if self.ctx.is_main:
+            images = generate(self.engines.generator.module, self.fixed_z)
+            save_grid(images, self.run_dir / "samples" / f"step-{self.state.step:08d}.png", nrow=8)
+
+    def _sync_batchnorm(self) -> None:
+        for _, engine in self.engines.items():
+            average_batchnorm_stats(engine.module)
+
+    def _after_step(self, stats: dict | None, waited: float, meter: StepMeter, log: MetricsLog) -> None:
+        cfg, step = self.cfg, self.state.step
+        log.step()
+        if stats is None:
+            self.state.skipped_steps += 1
+            log.message(f"step {step}: non-finite loss, step skipped")
+        else:
+            meter.add(stats, cfg.optim.batch_size, waited)
+        if step % cfg.logging.log_every == 0 and meter.steps:
+            log.write({"step": step, "epoch": self.state.epoch, **meter.summary()})
+            meter.reset()
+        if step % cfg.logging.sample_every == 0:
+            self.save_samples()
+        if step % cfg.checkpoint.every_steps == 0:
+            self.save_checkpoint()
+
+    # --- the loop ----------------------------------------------------------------------------------
+    def fit(self) -> TrainState:
+        cfg, state, total = self.cfg, self.state, self.total_steps
+        log = MetricsLog(self.run_dir / "metrics.jsonl", total, state.step, self.ctx.is_main, cfg.logging.progress)
+        meter = StepMeter()
+        if state.step == 0:
+            self.save_samples()
+        try:
+            while state.step < total:
+                ready = time.perf_counter()
+                for images, _ in self.loader.batches(state.epoch, state.step_in_epoch):
+                    waited = time.perf_counter() - ready
+                    stats = self.step_fn(to_model_range(images, self.ctx.device), state.step + 1)
+                    state.step += 1
+                    state.step_in_epoch += 1
+                    self._after_step(stats, waited, meter, log)
+                    if state.step >= total:
+                        break
+                    ready = time.perf_counter()
+                else:
+                    state.epoch += 1
+                    state.step_in_epoch = 0
+        except NonFiniteLoss as e:
+            last = self.checkpointer.last_saved_step
+            raise NonFiniteLoss(f"{e}; stopped, last good checkpoint: "
+                                f"{'step ' + str(last) if last is not None else 'none'} in {self.run_dir / 'checkpoints'}"
+                                ) from None
+        finally:
+            log.close()
+        self.save_samples()
+        self.save_checkpoint()
+        barrier()
+        return state
