@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Failures caused by input (config, files, data) that deserve one line, not a traceback."""
     from data_shards.fashion_mnist import DatasetMissing

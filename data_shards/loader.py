@@ -38,23 +38,22 @@ def _stream_seed(*parts: int) -> int:
     return seed
 
 
-def round_robin_taken(k: int, batches_per_worker: list[int]) -> list[int]:
-    """How many of the first k batches each worker produced, under DataLoader's in-order
-    round robin in which a worker that runs out drops out of the cycle."""
-    taken = [0] * len(batches_per_worker)
-    remaining = k
-    while remaining > 0:
-        progressed = False
-        for w, available in enumerate(batches_per_worker):
-            if remaining == 0:
-                break
-            if taken[w] < available:
-                taken[w] += 1
-                remaining -= 1
-                progressed = True
-        if not progressed:
-            break
-    return taken
+def round_robin_resume(k: int, batches_per_worker: list[int]) -> tuple[list[int], list[int]]:
+    """Where DataLoader's in-order round robin (a worker that runs out drops out of the cycle)
+    stands after k batches: how many each worker produced, and the order in which the workers
+    take their next turns, exhausted ones last. Resuming gives DataLoader worker slot j the
+    stream of worker order[j], so the cycle continues where it stopped."""
+    workers = len(batches_per_worker)
+    taken, turn, produced = [0] * workers, 0, 0
+    while produced < k and any(t < n for t, n in zip(taken, batches_per_worker, strict=True)):
+        if taken[turn] < batches_per_worker[turn]:
+            taken[turn] += 1
+            produced += 1
+        turn = (turn + 1) % workers
+    cycle = [(turn + i) % workers for i in range(workers)]
+    order = ([w for w in cycle if taken[w] < batches_per_worker[w]]
+             + [w for w in cycle if taken[w] >= batches_per_worker[w]])
+    return taken, order
 
 
 class _SkipCounter:
@@ -71,13 +70,13 @@ class _SkipCounter:
 class _WorkerStreams(torch.utils.data.IterableDataset):
     """One epoch of one rank; each DataLoader worker reads its own slice of the rank's shards."""
 
-    def __init__(self, loader: ShardLoader, epoch: int, skip_batches: list[int]):
+    def __init__(self, loader: ShardLoader, epoch: int, skip_batches: list[int], order: list[int]):
         super().__init__()
-        self.loader, self.epoch, self.skip_batches = loader, epoch, skip_batches
+        self.loader, self.epoch, self.skip_batches, self.order = loader, epoch, skip_batches, order
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         info = torch.utils.data.get_worker_info()
-        worker = 0 if info is None else info.id
+        worker = self.order[0 if info is None else info.id]
         yield from self.loader.worker_batches(self.epoch, worker, self.skip_batches[worker])
 
 
@@ -168,8 +167,8 @@ class ShardLoader:
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's batches of `epoch` from step `start_step` on, exactly `steps_per_epoch` in all."""
         steps = self.steps_per_epoch(epoch)
-        skip = round_robin_taken(start_step, self._worker_batch_counts(epoch, self.rank))
-        dataset = _WorkerStreams(self, epoch, skip)
+        skip, order = round_robin_resume(start_step, self._worker_batch_counts(epoch, self.rank))
+        dataset = _WorkerStreams(self, epoch, skip, order)
         if self.num_workers == 0:
             stream: Iterator = iter(dataset)
         else:

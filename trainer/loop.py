@@ -129,9 +129,8 @@ class Trainer:
                     state.step_in_epoch = 0
         except NonFiniteLoss as e:
             last = self.checkpointer.last_saved_step
-            raise NonFiniteLoss(f"{e}; stopped, last good checkpoint: "
-                                f"{'step ' + str(last) if last is not None else 'none'} in {self.run_dir / 'checkpoints'}"
-                                ) from None
+            where = f"step {last} in {self.run_dir / 'checkpoints'}" if last is not None else "none"
+            raise NonFiniteLoss(f"{e}; stopped, last good checkpoint: {where}") from None
         finally:
             log.close()
         self.save_samples()

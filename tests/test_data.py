@@ -1,0 +1,154 @@
+import gzip
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from data_shards import fashion_mnist
+from data_shards.convert import convert
+from data_shards.idx import IdxError, read_idx
+from data_shards.loader import ShardLoader, round_robin_resume, to_model_range
+from data_shards.manifest import ShardSetError, read_manifest, sha256_file
+from data_shards.writer import write_image_shards
+
+
+def write_idx(path, array):
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_idx_roundtrip_and_truncation(tmp_path):
+    a = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    write_idx(tmp_path / "a.gz", a)
+    assert np.array_equal(read_idx(tmp_path / "a.gz"), a)
+    raw = gzip.decompress((tmp_path / "a.gz").read_bytes())
+    (tmp_path / "b").write_bytes(raw[:-3])
+    with pytest.raises(IdxError, match="truncated"):
+        read_idx(tmp_path / "b")
+    (tmp_path / "c").write_bytes(b"\x01\x02\x03\x04")
+    with pytest.raises(IdxError, match="magic"):
+        read_idx(tmp_path / "c")
+
+
+def test_real_fashion_mnist_files():
+    images, labels = fashion_mnist.load_split(split="test")
+    assert images.shape == (10_000, 28, 28) and images.dtype == np.uint8
+    assert sorted(np.unique(labels)) == list(range(10))
+
+
+def test_missing_dataset_says_how_to_install(tmp_path):
+    with pytest.raises(fashion_mnist.DatasetMissing, match="apt-get install dataset-fashion-mnist"):
+        fashion_mnist.load_split(tmp_path)
+
+
+def test_convert_writes_manifest_and_is_idempotent(tmp_path):
+    root = tmp_path / "src"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    write_idx(root / "train-images-idx3-ubyte.gz", rng.integers(0, 255, (700, 28, 28)))
+    write_idx(root / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, (700,)))
+    m = convert("fashion-mnist", root, tmp_path / "out", resolution=32, shard_size=300)
+    assert [s.count for s in m.shards] == [300, 300, 100] and m.total == 700
+    for s in m.shards:
+        assert sha256_file(tmp_path / "out" / s.name) == s.sha256
+    data = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert data["total"] == 700 and data["transform"]["resolution"] == 32
+    assert not list((tmp_path / "out").glob(".*.tmp"))  # no temp files left behind
+    again = convert("fashion-mnist", root, tmp_path / "out", resolution=32, shard_size=300)
+    assert again.shards == m.shards
+
+
+def unique_shards(tmp_path, n=600, shard_size=50, resolution=32):
+    """Images whose label is their index, so batches can be checked for coverage."""
+    images = np.random.default_rng(1).integers(0, 255, (n, 28, 28), dtype=np.uint8)
+    write_image_shards(((f"k{i:05d}", images[i], i) for i in range(n)), tmp_path, resolution=resolution,
+                       shard_size=shard_size, source={"kind": "test"})
+    return tmp_path
+
+
+def loader(folder, rank=0, world=1, workers=0, batch=10, seed=0, buffer=64):
+    return ShardLoader(folder, rank=rank, world_size=world, batch_size=batch, seed=seed, channels=1,
+                       resolution=32, num_workers=workers, shuffle_buffer=buffer)
+
+
+def labels_of(batches):
+    return [int(v) for _, labels in batches for v in labels]
+
+
+def test_ranks_and_workers_split_disjoint_and_complete(tmp_path):
+    folder = unique_shards(tmp_path)
+    seen = []
+    for rank in range(2):
+        ld = loader(folder, rank=rank, world=2, workers=2, batch=10)
+        got = labels_of(ld.batches(epoch=0))
+        assert len(got) == ld.steps_per_epoch(0) * 10
+        seen += got
+    assert len(seen) == len(set(seen)) == 600  # 12 shards of 50 over 2 ranks x 2 workers: no remainder
+
+
+def test_order_is_a_function_of_seed_and_epoch(tmp_path):
+    folder = unique_shards(tmp_path)
+    a = labels_of(loader(folder).batches(0))
+    assert a == labels_of(loader(folder).batches(0))
+    assert a != labels_of(loader(folder).batches(1))
+    assert a != labels_of(loader(folder, seed=1).batches(0))
+    assert sorted(a) == list(range(600))
+
+
+@pytest.mark.parametrize("workers", [0, 1, 3])
+def test_resume_mid_epoch_is_exact(tmp_path, workers):
+    folder = unique_shards(tmp_path, n=650)  # 13 shards: workers hold different batch counts
+    full = list(loader(folder, workers=workers).batches(0))
+    for start in (0, 7, len(full) - 2):
+        tail = list(loader(folder, workers=workers).batches(0, start_step=start))
+        assert len(tail) == len(full) - start
+        for (x1, y1), (x2, y2) in zip(full[start:], tail, strict=True):
+            assert torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
+def test_round_robin_with_exhausted_worker():
+    assert round_robin_resume(0, [3, 3]) == ([0, 0], [0, 1])
+    assert round_robin_resume(5, [2, 5]) == ([2, 3], [1, 0])
+    assert round_robin_resume(4, [4, 4, 4]) == ([2, 1, 1], [1, 2, 0])
+    assert round_robin_resume(100, [1, 2]) == ([1, 2], [0, 1])
+
+
+def test_batches_are_uint8_nchw_and_scale_to_unit_range(tmp_path):
+    folder = unique_shards(tmp_path)
+    images, labels = next(iter(loader(folder).batches(0)))
+    assert images.shape == (10, 1, 32, 32) and images.dtype == torch.uint8 and labels.dtype == torch.int64
+    x = to_model_range(images, "cpu")
+    assert x.min() >= -1 and x.max() <= 1 and x.dtype == torch.float32
+
+
+def test_shard_set_errors(tmp_path):
+    with pytest.raises(ShardSetError, match="does not exist"):
+        read_manifest(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ShardSetError, match="no manifest.json"):
+        read_manifest(tmp_path / "empty")
+    folder = unique_shards(tmp_path / "set", n=100, shard_size=50)
+    with pytest.raises(ShardSetError, match="are 32x32, the model wants 64x64"):
+        ShardLoader(folder, rank=0, world_size=1, batch_size=4, seed=0, channels=1, resolution=64)
+    with pytest.raises(ShardSetError, match="2 shards but 2 rank"):
+        loader(folder, world=2, workers=2)
+    (folder / "shard-000001.tar").unlink()
+    with pytest.raises(ShardSetError, match="lacks 1 shard"):
+        read_manifest(folder)
+
+
+def test_corrupt_sample_is_skipped_and_counted(tmp_path):
+    from data_shards.manifest import Manifest, write_manifest
+    from data_shards.writer import ShardWriter, encode_png
+
+    w = ShardWriter(tmp_path, shard_size=100)
+    good = encode_png(np.zeros((32, 32), np.uint8))
+    for i in range(30):
+        w.write(f"k{i}", {"png": b"not a png" if i == 5 else good, "cls": b"0"})
+    write_manifest(tmp_path, Manifest(source={}, transform={"resolution": 32}, encoding="png", shards=w.finish()))
+    ld = loader(tmp_path, batch=29, buffer=0)
+    batches = list(ld.batches(0))
+    assert len(batches) == 1 and ld.skip_counter.count == 1
