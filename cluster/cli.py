@@ -94,6 +94,8 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dcgan", description=__doc__)
+    # the deepspeed launcher passes --local_rank before the sub-command; LOCAL_RANK carries it too
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train G and D (one process, or --nproc N ranks)")

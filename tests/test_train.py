@@ -200,3 +200,12 @@ def test_two_ranks_keep_identical_parameters(fashion_shards, tmp_path, zero_stag
     resumed = torch.load(again / "rank0.pt", weights_only=True)
     for key in r0:
         assert torch.allclose(r0[key].float(), resumed[key].float(), atol=1e-3, rtol=0), key
+
+
+@pytest.mark.slow
+def test_cli_nproc_launches_two_ranks(fashion_shards, tmp_path):
+    run = tmp_path / "r"
+    res = run_dcgan(*tiny_train_args(fashion_shards, run, "optim.max_steps=4"), "--nproc", "2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    meta = json.loads((run / "checkpoints" / "step-00000004" / "trainer.json").read_text())
+    assert meta["world_size"] == 2 and meta["step"] == 4

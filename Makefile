@@ -1,0 +1,51 @@
+# Set-up is idempotent: each target checks what it needs and installs only what is missing.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+SUDO   := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+SHARDS := data/fashion-mnist-32
+
+.PHONY: run test setup data bench lint clean
+
+run: setup data  ## set up, then train the embedded default (Fashion-MNIST 32x32) on this machine
+	$(BIN)/dcgan train --config configs/fashion-mnist-32.toml
+
+test: setup  ## set up, then run the test suite
+	$(BIN)/python -m pytest -q tests
+
+setup: $(VENV)/.installed $(FASHION_MNIST)
+
+data: $(SHARDS)/manifest.json
+
+$(VENV)/.installed: pyproject.toml
+	@command -v g++ >/dev/null || $(SUDO) apt-get install -y g++ || \
+	  { $(SUDO) apt-get update && $(SUDO) apt-get install -y g++; }
+	$(PYTHON) -m venv $(VENV) || { $(SUDO) apt-get install -y python3-venv && $(PYTHON) -m venv $(VENV); }
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first and pinned: an unpinned torch makes pip fetch a multi-GB CUDA build on CPU machines
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[dev]"
+	# DeepSpeed JIT-builds its shared-memory comm op on first use (~30 s); do it here, once
+	$(BIN)/python -c "import os; os.environ.setdefault('DS_ACCELERATOR', 'cpu'); \
+	  from trainer.distributed import init_distributed; init_distributed()"
+	touch $@
+
+$(FASHION_MNIST):
+	@echo "Fashion-MNIST is missing: installing Debian's dataset-fashion-mnist"
+	@$(SUDO) apt-get install -y dataset-fashion-mnist || \
+	  { $(SUDO) apt-get update && $(SUDO) apt-get install -y dataset-fashion-mnist; } || \
+	  { echo "error: could not install dataset-fashion-mnist; run 'sudo apt-get install dataset-fashion-mnist'" \
+	         "or convert the IDX files yourself with 'dcgan data convert --input DIR'"; exit 1; }
+
+$(SHARDS)/manifest.json: $(VENV)/.installed $(FASHION_MNIST)
+	$(BIN)/dcgan data convert --source fashion-mnist --out $(SHARDS) --resolution 32
+
+bench: setup  ## training-step throughput, ours vs plain PyTorch
+	$(BIN)/python benchmarks/train_throughput.py
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf runs data
