@@ -209,3 +209,19 @@ def test_cli_nproc_launches_two_ranks(fashion_shards, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     meta = json.loads((run / "checkpoints" / "step-00000004" / "trainer.json").read_text())
     assert meta["world_size"] == 2 and meta["step"] == 4
+
+
+def test_fp16_keeps_a_loss_scaler_per_engine_and_resumes_it(fashion_shards, tmp_path):
+    # fp16 is CUDA's precision; on CPU the same DeepSpeed torch_autocast + GradScaler path runs
+    extra = ("checkpoint.every_steps=6", "precision.dtype=fp16")
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert run_dcgan(*tiny_train_args(fashion_shards, whole, "optim.max_steps=12", *extra)).returncode == 0
+    assert run_dcgan(*tiny_train_args(fashion_shards, split, "optim.max_steps=6", *extra)).returncode == 0
+    res = run_dcgan(*tiny_train_args(fashion_shards, split, "optim.max_steps=12", *extra), "--resume", str(split))
+    assert res.returncode == 0, res.stderr[-3000:]
+    a = safe_load(whole / "checkpoints" / "step-00000012" / "rank-00000.pt")["grad_scalers"]
+    b = safe_load(split / "checkpoints" / "step-00000012" / "rank-00000.pt")["grad_scalers"]
+    assert set(a) == {"generator", "discriminator"} and a == b
+    for tag in ("generator", "discriminator"):
+        assert_same(model_state(whole / "checkpoints" / "step-00000012", tag),
+                    model_state(split / "checkpoints" / "step-00000012", tag), exact=False, atol=1e-3)
