@@ -12,9 +12,9 @@ from pathlib import Path
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Failures caused by input (config, files, data) that deserve one line, not a traceback."""
-    from data_shards.fashion_mnist import DatasetMissing
     from data_shards.idx import IdxError
     from data_shards.manifest import ShardSetError
+    from data_shards.sources.fashion_mnist import DatasetMissing
     from trainer.checkpoint_io import CheckpointError
     from trainer.config import ConfigError
     from trainer.step import NonFiniteLoss
@@ -83,12 +83,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_data_convert(args: argparse.Namespace) -> int:
-    from data_shards.convert import convert
+    from data_shards.convert import ConvertOptions, convert, load_skip_keys
 
-    manifest = convert(args.source, args.input, args.out, resolution=args.resolution,
-                       shard_size=args.shard_size, split=args.split, overwrite=args.overwrite)
-    print(f"{args.out}: {manifest.total} samples in {len(manifest.shards)} shards, "
-          f"{len(manifest.skipped)} skipped")
+    part, _, parts = args.part.partition("/")
+    opts = ConvertOptions(resolution=args.resolution, channels=args.channels, encoding=args.encoding,
+                          quality=args.quality, shard_size=args.shard_size, keep_original=args.keep_original,
+                          workers=args.workers, limit=args.limit, skip_keys=load_skip_keys(args.skip_keys),
+                          part=(int(part), int(parts or 1)))
+    manifest = convert(args.source, args.input, args.out, opts, split=args.split, overwrite=args.overwrite,
+                       progress=not args.quiet)
+    if manifest is None:
+        print(f"{args.out}: part {args.part} done; the manifest is written when the last part finishes")
+    else:
+        print(f"{args.out}: {manifest.total} samples in {len(manifest.shards)} shards, "
+              f"{len(manifest.skipped)} skipped")
     return 0
 
 
@@ -116,13 +124,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="build shard sets").add_subparsers(dest="data_command", required=True)
     conv = data.add_parser("convert", help="a source data set -> WebDataset shards + manifest")
-    conv.add_argument("--source", default="fashion-mnist", choices=["fashion-mnist"])
-    conv.add_argument("--input", help="source folder (default: where the source's Debian package puts it)")
+    conv.add_argument("--source", default="fashion-mnist", choices=["lsun", "folder", "fashion-mnist"])
+    conv.add_argument("--input", help="LSUN: the category's LMDB folder; folder: its root; fashion-mnist: the "
+                                      "IDX folder (default: where Debian's package puts it)")
     conv.add_argument("--out", required=True)
-    conv.add_argument("--resolution", type=int, default=32)
-    conv.add_argument("--shard-size", type=int, default=5000)
-    conv.add_argument("--split", default="train", choices=["train", "test"])
+    conv.add_argument("--resolution", type=int, default=64, help="stored side length (centre crop + resize)")
+    conv.add_argument("--channels", type=int, default=None, choices=[1, 3],
+                      help="default: 1 for fashion-mnist, 3 otherwise")
+    conv.add_argument("--encoding", default="png", choices=["png", "jpeg", "raw"])
+    conv.add_argument("--quality", type=int, default=95, help="JPEG quality")
+    conv.add_argument("--keep-original", action="store_true", help="also store the source's encoded bytes")
+    conv.add_argument("--shard-size", type=int, default=5000, help="samples per shard")
+    conv.add_argument("--workers", type=int, default=0, help="processes (default: one per core)")
+    conv.add_argument("--limit", type=int, default=0, help="convert only the first N source items")
+    conv.add_argument("--skip-keys", help="duplicate list from `dcgan data dedup`; those keys are skipped")
+    conv.add_argument("--part", default="0/1", help="I/N: convert the I-th of N contiguous key ranges "
+                                                    "(one per machine, same --out)")
+    conv.add_argument("--split", default="train", choices=["train", "test"], help="fashion-mnist split")
     conv.add_argument("--overwrite", action="store_true")
+    conv.add_argument("--quiet", action="store_true")
     conv.set_defaults(func=cmd_data_convert)
     return parser
 
@@ -131,6 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
+    if getattr(args, "data_command", None) == "convert" and args.channels is None:
+        args.channels = 1 if args.source == "fashion-mnist" else 3
     try:
         return args.func(args)
     except _user_errors() as e:

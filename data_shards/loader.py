@@ -11,12 +11,13 @@ decode.
 Every rank runs the same number of steps per epoch (the smallest rank's count of full batches),
 so no rank waits in a collective for another; samples past that, and each worker's last partial
 batch, are left for the next epoch's permutation (at most world_size * num_workers * batch per
-epoch).
+epoch). A corrupt sample or a truncated shard is skipped and counted (`skipped`); should that
+leave a rank short of its step count, it tops up from the start of its own stream, so ranks
+never disagree on the number of steps.
 """
 
 from __future__ import annotations
 
-import io
 import itertools
 import random
 from collections.abc import Iterator
@@ -25,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 
 from data_shards.manifest import Manifest, ShardSetError, read_manifest
+from data_shards.transform import EXTENSIONS, decode_stored
 
 
 def _stream_seed(*parts: int) -> int:
@@ -56,17 +57,6 @@ def round_robin_resume(k: int, batches_per_worker: list[int]) -> tuple[list[int]
     return taken, order
 
 
-class _SkipCounter:
-    """WebDataset error handler that counts unreadable samples or shards and keeps going."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def __call__(self, exn: Exception) -> bool:
-        self.count += 1
-        return True
-
-
 class _WorkerStreams(torch.utils.data.IterableDataset):
     """One epoch of one rank; each DataLoader worker reads its own slice of the rank's shards."""
 
@@ -74,27 +64,37 @@ class _WorkerStreams(torch.utils.data.IterableDataset):
         super().__init__()
         self.loader, self.epoch, self.skip_batches, self.order = loader, epoch, skip_batches, order
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
         info = torch.utils.data.get_worker_info()
         worker = self.order[0 if info is None else info.id]
         yield from self.loader.worker_batches(self.epoch, worker, self.skip_batches[worker])
 
 
 class ShardLoader:
-    """The loader interface the trainer uses: `steps_per_epoch(epoch)` and `batches(epoch, start)`.
+    """The loader interface the trainer uses: `steps_per_epoch(epoch)`, `batches(epoch, start)`
+    yielding (float images N x C x H x W in [-1, 1] on `device`, int64 labels), and `skipped`.
 
-    Batches are (uint8 images N x C x H x W, int64 labels); `to_model_range` maps images to
-    [-1, 1] on the training device, so only bytes cross the worker boundary.
+    Workers batch uint8 pixels, so only bytes cross the process boundary; the scaling to
+    [-1, 1] happens on the training device.
     """
 
     def __init__(self, folder: str | Path, *, rank: int, world_size: int, batch_size: int, seed: int,
-                 channels: int, resolution: int, num_workers: int = 1, shuffle_buffer: int = 5000):
+                 channels: int, resolution: int, num_workers: int = 1, shuffle_buffer: int = 5000,
+                 device: torch.device | str = "cpu"):
         self.folder = Path(folder)
         self.manifest: Manifest = read_manifest(self.folder)
         stored = self.manifest.transform.get("resolution")
         if stored != resolution:
             raise ShardSetError(f"shards in {self.folder} are {stored}x{stored}, the model wants "
                                 f"{resolution}x{resolution}; convert again with --resolution {resolution}")
+        stored_channels = self.manifest.transform.get("channels", channels)
+        if self.manifest.encoding == "raw" and stored_channels != channels:
+            raise ShardSetError(f"raw shards in {self.folder} have {stored_channels} channel(s), the model "
+                                f"wants {channels}; convert again with --channels {channels}")
+        self.shape = (resolution, resolution, channels)
+        self.extension = EXTENSIONS[self.manifest.encoding]
+        self.device = torch.device(device)
+        self.skipped = 0
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.seed, self.channels = seed, channels
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
@@ -103,7 +103,6 @@ class ShardLoader:
             raise ShardSetError(
                 f"{self.folder} has {len(self.manifest.shards)} shards but {world_size} rank(s) x "
                 f"{max(num_workers, 1)} worker(s) need at least {streams}; convert with a smaller --shard-size")
-        self.skip_counter = _SkipCounter()
 
     # --- the deterministic split ---------------------------------------------------------------
     def _shard_order(self, epoch: int) -> list[int]:
@@ -124,14 +123,7 @@ class ShardLoader:
 
     # --- streaming ---------------------------------------------------------------------------
     def _decode(self, sample: dict) -> tuple[np.ndarray, int]:
-        image = Image.open(io.BytesIO(sample["png"]))
-        image = image.convert("L" if self.channels == 1 else "RGB")
-        array = np.asarray(image)
-        if array.ndim == 2:
-            array = array[None]
-        else:
-            array = array.transpose(2, 0, 1)
-        return array, int(sample.get("cls", b"-1"))
+        return decode_stored(sample[self.extension], self.manifest.encoding, self.shape), int(sample.get("cls", b"-1"))
 
     @staticmethod
     def _collate(samples: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,42 +132,54 @@ class ShardLoader:
         return images, labels
 
     def worker_batches(self, epoch: int, worker: int, skip_batches: int = 0
-                       ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                       ) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        """One worker's batches as (uint8 images, labels, items skipped since the last batch)."""
         urls = [str(self.folder / self.manifest.shards[i].name) for i in self._worker_shards(epoch, self.rank, worker)]
         rng = random.Random(_stream_seed(self.seed, epoch, self.rank, worker))
-        stages = [
-            wds.SimpleShardList(urls),
-            wds.tarfile_to_samples(handler=self.skip_counter),
-        ]
+        skipped = 0
+
+        def count_and_continue(exn: Exception) -> bool:  # a truncated tar or an unreadable member
+            nonlocal skipped
+            skipped += 1
+            return True
+
+        stages = [wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=count_and_continue)]
         if self.shuffle_buffer > 1:
             stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng))
-        pipeline = wds.DataPipeline(*stages)
-        samples = itertools.islice(iter(pipeline), skip_batches * self.batch_size, None)
-        decoded = (d for d in map(self._safe_decode, samples) if d is not None)
-        while batch := list(itertools.islice(decoded, self.batch_size)):
-            if len(batch) < self.batch_size:
-                return
-            yield self._collate(batch)
+        samples = itertools.islice(iter(wds.DataPipeline(*stages)), skip_batches * self.batch_size, None)
+        batch: list[tuple[np.ndarray, int]] = []
+        for sample in samples:
+            try:
+                batch.append(self._decode(sample))
+            except Exception:  # an undecodable or missing image: counted, never fatal
+                skipped += 1
+                continue
+            if len(batch) == self.batch_size:
+                yield self._collate(batch) + (skipped,)
+                batch, skipped = [], 0
 
-    def _safe_decode(self, sample: dict) -> tuple[np.ndarray, int] | None:
-        try:
-            return self._decode(sample)
-        except Exception:  # an undecodable image is counted and skipped, never fatal
-            self.skip_counter.count += 1
-            return None
-
-    def batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's batches of `epoch` from step `start_step` on, exactly `steps_per_epoch` in all."""
-        steps = self.steps_per_epoch(epoch)
+    def _rank_stream(self, epoch: int, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
         skip, order = round_robin_resume(start_step, self._worker_batch_counts(epoch, self.rank))
         dataset = _WorkerStreams(self, epoch, skip, order)
         if self.num_workers == 0:
-            stream: Iterator = iter(dataset)
-        else:
-            stream = iter(torch.utils.data.DataLoader(
-                dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=4,
-                persistent_workers=False, multiprocessing_context="fork"))
-        yield from itertools.islice(stream, max(steps - start_step, 0))
+            return iter(dataset)
+        return iter(torch.utils.data.DataLoader(
+            dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=4,
+            persistent_workers=False, multiprocessing_context="fork"))
+
+    def batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's batches of `epoch` from step `start_step` on, exactly `steps_per_epoch` in all."""
+        wanted = max(self.steps_per_epoch(epoch) - start_step, 0)
+        stream = itertools.chain(self._rank_stream(epoch, start_step),
+                                 itertools.chain.from_iterable(self._rank_stream(epoch, 0) for _ in range(2)))
+        produced = 0
+        for images, labels, skipped in itertools.islice(stream, wanted):
+            self.skipped += skipped
+            produced += 1
+            yield to_model_range(images, self.device), labels
+        if produced < wanted:
+            raise ShardSetError(f"rank {self.rank} read only {produced} of {wanted} batches of epoch {epoch} "
+                                f"from {self.folder}: too many shards are damaged ({self.skipped} items skipped)")
 
 
 def to_model_range(images: torch.Tensor, device: torch.device | str) -> torch.Tensor:

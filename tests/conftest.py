@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import itertools
 import os
 import subprocess
 import sys
@@ -18,14 +17,35 @@ TINY = ["model.ngf=8", "model.ndf=8", "optim.batch_size=32", "data.shuffle_buffe
 @pytest.fixture(scope="session")
 def fashion_shards(tmp_path_factory) -> Path:
     """2,048 real Fashion-MNIST images at 32x32 in 8 shards."""
-    from data_shards import fashion_mnist
-    from data_shards.writer import write_image_shards
+    from data_shards.convert import ConvertOptions, convert
 
     out = tmp_path_factory.mktemp("fashion-32")
-    samples = itertools.islice(fashion_mnist.iter_samples(split="train"), 2048)
-    write_image_shards(samples, out, resolution=32, shard_size=256, source={"kind": "fashion-mnist"},
-                       classes=fashion_mnist.CLASSES)
+    convert("fashion-mnist", None, out, ConvertOptions(resolution=32, channels=1, shard_size=256, limit=2048),
+            progress=False)
     return out
+
+
+class ArraySource:
+    """An in-memory source of (key, pixels, label) for tests; label = index unless given."""
+
+    kind = "arrays"
+    classes: list[str] = []
+
+    def __init__(self, images, labels=None, values=None):
+        self.images, self.labels, self.values = images, labels, values or {}
+        self.keys = [f"k{i:06d}" for i in range(len(images))]
+
+    def describe(self):
+        return {"kind": self.kind, "n": len(self.images)}
+
+    def scan_keys(self):
+        yield from self.keys
+
+    def read(self, first_key, count):
+        start = self.keys.index(first_key)
+        for i in range(start, min(start + count, len(self.keys))):
+            value = self.values.get(i, self.images[i])
+            yield self.keys[i], value, int(self.labels[i]) if self.labels is not None else i
 
 
 def run_dcgan(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -5,13 +5,14 @@ import struct
 import numpy as np
 import pytest
 import torch
+from conftest import ArraySource
 
-from data_shards import fashion_mnist
-from data_shards.convert import convert
+from data_shards.convert import ConvertOptions, convert, convert_source
 from data_shards.idx import IdxError, read_idx
-from data_shards.loader import ShardLoader, round_robin_resume, to_model_range
-from data_shards.manifest import ShardSetError, read_manifest, sha256_file
-from data_shards.writer import write_image_shards
+from data_shards.loader import ShardLoader, round_robin_resume
+from data_shards.manifest import Manifest, ShardSetError, read_manifest, sha256_file, write_manifest
+from data_shards.sources import fashion_mnist
+from data_shards.writer import write_shard
 
 
 def write_idx(path, array):
@@ -50,22 +51,24 @@ def test_convert_writes_manifest_and_is_idempotent(tmp_path):
     rng = np.random.default_rng(0)
     write_idx(root / "train-images-idx3-ubyte.gz", rng.integers(0, 255, (700, 28, 28)))
     write_idx(root / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, (700,)))
-    m = convert("fashion-mnist", root, tmp_path / "out", resolution=32, shard_size=300)
+    opts = ConvertOptions(resolution=32, channels=1, shard_size=300)
+    m = convert("fashion-mnist", root, tmp_path / "out", opts, progress=False)
     assert [s.count for s in m.shards] == [300, 300, 100] and m.total == 700
     for s in m.shards:
         assert sha256_file(tmp_path / "out" / s.name) == s.sha256
     data = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert data["total"] == 700 and data["transform"]["resolution"] == 32
     assert not list((tmp_path / "out").glob(".*.tmp"))  # no temp files left behind
-    again = convert("fashion-mnist", root, tmp_path / "out", resolution=32, shard_size=300)
+    assert all((tmp_path / "out" / s.name).with_suffix(".idx").is_file() for s in m.shards)  # DALI indices
+    again = convert("fashion-mnist", root, tmp_path / "out", opts, progress=False)
     assert again.shards == m.shards
 
 
 def unique_shards(tmp_path, n=600, shard_size=50, resolution=32):
     """Images whose label is their index, so batches can be checked for coverage."""
-    images = np.random.default_rng(1).integers(0, 255, (n, 28, 28), dtype=np.uint8)
-    write_image_shards(((f"k{i:05d}", images[i], i) for i in range(n)), tmp_path, resolution=resolution,
-                       shard_size=shard_size, source={"kind": "test"})
+    images = np.random.default_rng(1).integers(0, 255, (n, 28, 28, 1), dtype=np.uint8)
+    convert_source(ArraySource(images), tmp_path, ConvertOptions(resolution=resolution, channels=1,
+                                                                 shard_size=shard_size, workers=2), progress=False)
     return tmp_path
 
 
@@ -116,12 +119,11 @@ def test_round_robin_with_exhausted_worker():
     assert round_robin_resume(100, [1, 2]) == ([1, 2], [0, 1])
 
 
-def test_batches_are_uint8_nchw_and_scale_to_unit_range(tmp_path):
+def test_batches_are_float_nchw_in_unit_range(tmp_path):
     folder = unique_shards(tmp_path)
     images, labels = next(iter(loader(folder).batches(0)))
-    assert images.shape == (10, 1, 32, 32) and images.dtype == torch.uint8 and labels.dtype == torch.int64
-    x = to_model_range(images, "cpu")
-    assert x.min() >= -1 and x.max() <= 1 and x.dtype == torch.float32
+    assert images.shape == (10, 1, 32, 32) and images.dtype == torch.float32 and labels.dtype == torch.int64
+    assert images.min() >= -1 and images.max() <= 1
 
 
 def test_shard_set_errors(tmp_path):
@@ -141,14 +143,13 @@ def test_shard_set_errors(tmp_path):
 
 
 def test_corrupt_sample_is_skipped_and_counted(tmp_path):
-    from data_shards.manifest import Manifest, write_manifest
-    from data_shards.writer import ShardWriter, encode_png
+    from data_shards.transform import encode
 
-    w = ShardWriter(tmp_path, shard_size=100)
-    good = encode_png(np.zeros((32, 32), np.uint8))
-    for i in range(30):
-        w.write(f"k{i}", {"png": b"not a png" if i == 5 else good, "cls": b"0"})
-    write_manifest(tmp_path, Manifest(source={}, transform={"resolution": 32}, encoding="png", shards=w.finish()))
-    ld = loader(tmp_path, batch=29, buffer=0)
+    good = encode(np.zeros((32, 32, 1), np.uint8), "png")
+    samples = [(f"k{i}", {"png": b"not a png" if i == 5 else b"" if i == 6 else good, "cls": b"0"}) for i in range(30)]
+    info = write_shard(tmp_path / "shard-000000.tar", samples)
+    write_manifest(tmp_path, Manifest(source={}, transform={"resolution": 32, "channels": 1}, encoding="png",
+                                      shards=[info]))
+    ld = loader(tmp_path, batch=28, buffer=0)
     batches = list(ld.batches(0))
-    assert len(batches) == 1 and ld.skip_counter.count == 1
+    assert len(batches) == 1 and ld.skipped == 2

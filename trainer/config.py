@@ -32,7 +32,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     shards: str = "data/fashion-mnist-32"  # a folder holding manifest.json and the tar shards
-    loader: str = "webdataset"
+    loader: str = "webdataset"  # webdataset | dali
     num_workers: int = 1
     shuffle_buffer: int = 5000
 
@@ -91,7 +91,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "model.ngf": (lambda v: v >= 1, ">= 1"),
     "model.ndf": (lambda v: v >= 1, ">= 1"),
     "model.init_std": (lambda v: v > 0, "> 0"),
-    "data.loader": (lambda v: v == "webdataset", "'webdataset'"),
+    "data.loader": (lambda v: v in ("webdataset", "dali"), "'webdataset' or 'dali'"),
     "data.num_workers": (lambda v: v >= 0, ">= 0"),
     "data.shuffle_buffer": (lambda v: v >= 0, ">= 0"),
     "optim.batch_size": (lambda v: v >= 1, ">= 1"),

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from data_shards.loader import ShardLoader, to_model_range
+from data_shards.loaders import open_loader
+from data_shards.manifest import ShardSetError
 from trainer.checkpoint import Checkpointer, TrainState
 from trainer.config import Config, to_toml
 from trainer.distributed import DistContext, average_batchnorm_stats, barrier, init_distributed
@@ -30,11 +31,11 @@ class Trainer:
                 (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.toml").write_text(to_toml(cfg))
         self.precision = Precision(cfg.precision.dtype, self.ctx.device)
-        self.loader = ShardLoader(
-            cfg.data.shards, rank=self.ctx.rank, world_size=self.ctx.world_size,
+        self.loader = open_loader(
+            cfg.data.loader, cfg.data.shards, rank=self.ctx.rank, world_size=self.ctx.world_size,
             batch_size=cfg.optim.batch_size // self.ctx.world_size, seed=cfg.optim.seed,
             channels=cfg.model.channels, resolution=cfg.model.resolution,
-            num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer)
+            num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer, device=self.ctx.device)
         generator, discriminator = build_models(cfg.model, cfg.optim.seed)
         self.engines: GanEngines = build_engines(generator.to(self.ctx.device), discriminator.to(self.ctx.device),
                                                  cfg, self.ctx.world_size, self.precision)
@@ -43,7 +44,7 @@ class Trainer:
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", self.ctx, cfg.checkpoint.keep_last,
                                          cfg.to_dict())
         if self.loader.steps_per_epoch(0) == 0:
-            raise ValueError(f"{cfg.data.shards} holds {self.loader.manifest.total} samples: fewer than one batch "
+            raise ShardSetError(f"{cfg.data.shards} holds {self.loader.manifest.total} samples: fewer than one batch "
                              f"of {cfg.optim.batch_size // self.ctx.world_size} per rank")
         self.state = TrainState()
         self.step_fn = GanStep(self.engines, self.precision, cfg.model, self.ctx, self.noise,
@@ -98,7 +99,8 @@ class Trainer:
         else:
             meter.add(stats, cfg.optim.batch_size, waited)
         if step % cfg.logging.log_every == 0 and meter.steps:
-            log.write({"step": step, "epoch": self.state.epoch, **meter.summary()})
+            log.write({"step": step, "epoch": self.state.epoch, **meter.summary(),
+                       "skipped_samples": self.loader.skipped})
             meter.reset()
         if step % cfg.logging.sample_every == 0:
             self.save_samples()
@@ -117,7 +119,7 @@ class Trainer:
                 ready = time.perf_counter()
                 for images, _ in self.loader.batches(state.epoch, state.step_in_epoch):
                     waited = time.perf_counter() - ready
-                    stats = self.step_fn(to_model_range(images, self.ctx.device), state.step + 1)
+                    stats = self.step_fn(images, state.step + 1)
                     state.step += 1
                     state.step_in_epoch += 1
                     self._after_step(stats, waited, meter, log)

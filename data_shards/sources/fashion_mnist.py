@@ -44,3 +44,34 @@ def iter_samples(root: str | Path = DEFAULT_DIR, split: str = "train") -> Iterat
     images, labels = load_split(root, split)
     for i in range(images.shape[0]):
         yield f"{split}-{i:06d}", images[i], int(labels[i])
+
+
+class FashionMnist:
+    kind = "fashion-mnist"
+    classes = list(CLASSES)
+
+    def __init__(self, root: str | Path | None, split: str = "train"):
+        self.root = Path(root) if root else DEFAULT_DIR
+        self.split = split
+        self._arrays: tuple[np.ndarray, np.ndarray] | None = None
+
+    def _load(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._arrays is None:
+            self._arrays = load_split(self.root, self.split)
+        return self._arrays
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_arrays": None}
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "path": str(self.root), "split": self.split}
+
+    def scan_keys(self) -> Iterator[str]:
+        for i in range(self._load()[0].shape[0]):
+            yield f"{self.split}-{i:06d}"
+
+    def read(self, first_key: str, count: int) -> Iterator[tuple[str, np.ndarray, int]]:
+        images, labels = self._load()
+        start = int(first_key.rsplit("-", 1)[1])
+        for i in range(start, min(start + count, images.shape[0])):
+            yield f"{self.split}-{i:06d}", images[i][..., None], int(labels[i])

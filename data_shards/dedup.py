@@ -1,0 +1,207 @@
+"""Near-duplicate removal as the paper did it on LSUN: semantic hashing with an autoencoder.
+
+A 3072-128-3072 ReLU autoencoder (32x32x3 centre crops in, the same out), trained as a
+denoising autoencoder (Gaussian input noise) with dropout on its code layer. Its 128 code
+activations, thresholded at each unit's median over the training sample, form a 128-bit hash
+of the image. Images are bucketed by bands of the hash (any of `bands` equal 128/bands-bit
+slices makes two images candidates, which keeps near-duplicates whose hash differs in a few
+bits together) and a candidate pair counts as a duplicate when its full hashes differ in at
+most `max_hamming` bits. Bucketing keeps the pass linear in the number of images. Of each
+group of duplicates, the first key in source order is kept; the others are listed, with the
+key they duplicate, for `dcgan data convert --skip-keys`.
+
+Exact duplicates (equal decoded pixels) are removed by conversion itself, always.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from data_shards.manifest import atomic_write_bytes
+from data_shards.sources import Source
+from data_shards.transform import UndecodableImage, center_crop_resize, decode_image
+
+CROP = 32
+
+
+class HashingAutoencoder(nn.Module):
+    def __init__(self, code_bits: int = 128, dropout: float = 0.2):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(CROP * CROP * 3))
+        self.register_buffer("std", torch.ones(()))
+        self.encoder = nn.Sequential(nn.Linear(CROP * CROP * 3, code_bits), nn.ReLU())
+        self.dropout = nn.Dropout(dropout)
+        self.decoder = nn.Linear(code_bits, CROP * CROP * 3)
+
+    def standardise(self, x: torch.Tensor) -> torch.Tensor:
+        # centred inputs keep the ReLU code units alive; raw [0, 1] pixels leave most of them dead
+        return (x - self.mean) / self.std
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(self.standardise(x))
+
+    def forward(self, noisy_standardised: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.dropout(self.encoder(noisy_standardised)))
+
+
+@dataclass
+class DedupOptions:
+    train_samples: int = 50_000
+    epochs: int = 20
+    noise: float = 0.3
+    bands: int = 8
+    max_hamming: int = 12
+    workers: int = 0
+    seed: int = 0
+
+
+def crop_vector(value: bytes | np.ndarray) -> np.ndarray:
+    """An item -> its 32x32x3 centre crop as 3072 floats in [0, 1]."""
+    pixels = value if isinstance(value, np.ndarray) else decode_image(value, 3, CROP)
+    if pixels.ndim == 2:
+        pixels = pixels[..., None]
+    if pixels.shape[2] == 1:
+        pixels = np.repeat(pixels, 3, axis=2)
+    return center_crop_resize(pixels, CROP).reshape(-1).astype(np.float32) / 255.0
+
+
+def _read_all(source: Source, first_key: str, count: int) -> Iterator[tuple[str, np.ndarray | None]]:
+    for key, value, _ in source.read(first_key, count):
+        try:
+            yield key, crop_vector(value)
+        except UndecodableImage:
+            yield key, None
+
+
+def _ranges(source: Source, size: int) -> list[tuple[str, int]]:
+    ranges: list[tuple[str, int]] = []
+    for i, key in enumerate(source.scan_keys()):
+        if i % size == 0:
+            ranges.append((key, 0))
+        ranges[-1] = (ranges[-1][0], ranges[-1][1] + 1)
+    return ranges
+
+
+def train_autoencoder(crops: np.ndarray, opts: DedupOptions) -> tuple[HashingAutoencoder, np.ndarray]:
+    """Fit the autoencoder on `crops` (N x 3072); returns it and each code unit's threshold."""
+    torch.manual_seed(opts.seed)
+    model = HashingAutoencoder()
+    data = torch.from_numpy(crops)
+    model.mean.copy_(data.mean(0))
+    model.std.copy_((data - model.mean).std())
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(opts.seed)
+    for _ in range(opts.epochs):
+        for batch in model.standardise(data)[torch.randperm(len(data), generator=generator)].split(256):
+            noisy = batch + opts.noise * torch.randn(batch.shape, generator=generator)
+            loss = nn.functional.mse_loss(model(noisy), batch)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+    model.eval()
+    with torch.no_grad():
+        codes = model.encode(data)
+    return model, codes.median(dim=0).values.numpy()
+
+
+def hash_codes(model: HashingAutoencoder, thresholds: np.ndarray, crops: np.ndarray) -> np.ndarray:
+    """N x 3072 crops -> N x 16 uint8 (128 packed bits)."""
+    with torch.no_grad():
+        codes = model.encode(torch.from_numpy(crops)).numpy()
+    return np.packbits(codes > thresholds, axis=1)
+
+
+_WORKER: dict = {}
+
+
+def _init(source: Source, model_state: dict, thresholds: np.ndarray) -> None:
+    torch.set_num_threads(1)
+    model = HashingAutoencoder()
+    model.load_state_dict(model_state)
+    model.eval()
+    _WORKER.update(source=source, model=model, thresholds=thresholds)
+
+
+def _hash_range(job: tuple[str, int]) -> tuple[list[str], np.ndarray]:
+    keys, crops = [], []
+    for key, crop in _read_all(_WORKER["source"], *job):
+        if crop is not None:
+            keys.append(key)
+            crops.append(crop)
+    if not crops:
+        return keys, np.zeros((0, 16), np.uint8)
+    return keys, hash_codes(_WORKER["model"], _WORKER["thresholds"], np.stack(crops))
+
+
+def group_duplicates(keys: list[str], hashes: np.ndarray, bands: int, max_hamming: int) -> dict[str, str]:
+    """duplicate key -> the key it duplicates (the first of its group in `keys` order)."""
+    parent = list(range(len(keys)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    bits = np.unpackbits(hashes, axis=1)
+    width = bits.shape[1] // bands
+    for band in range(bands):
+        buckets: dict[bytes, list[int]] = defaultdict(list)
+        for i, row in enumerate(np.packbits(bits[:, band * width:(band + 1) * width], axis=1)):
+            buckets[row.tobytes()].append(i)
+        for members in buckets.values():
+            if len(members) < 2:
+                continue
+            anchor = members[0]
+            for other in members[1:]:
+                if find(anchor) != find(other) and np.count_nonzero(bits[anchor] != bits[other]) <= max_hamming:
+                    a, b = sorted((find(anchor), find(other)))
+                    parent[b] = a
+    return {keys[i]: keys[find(i)] for i in range(len(keys)) if find(i) != i}
+
+
+def find_near_duplicates(source: Source, opts: DedupOptions, progress: bool = False) -> dict[str, str]:
+    ranges = _ranges(source, 2000)
+    total = sum(c for _, c in ranges)
+    # the training sample: evenly spaced slices of the key space, decoded in the main process
+    take = min(opts.train_samples, total)
+    per_range = max(1, take // len(ranges))
+    sample = [c for first, count in ranges for _, c in _read_all(source, first, min(per_range, count))
+              if c is not None]
+    model, thresholds = train_autoencoder(np.stack(sample), opts)
+    workers = max(1, min(opts.workers or os.cpu_count() or 1, len(ranges)))
+    with multiprocessing.get_context("fork").Pool(workers, _init, (source, model.state_dict(), thresholds)) as pool:
+        parts = pool.map(_hash_range, ranges)  # map keeps source order, which decides who is kept
+    keys = [k for part_keys, _ in parts for k in part_keys]
+    hashes = np.concatenate([h for _, h in parts])
+    return group_duplicates(keys, hashes, opts.bands, opts.max_hamming)
+
+
+def write_duplicate_list(path: str | Path, duplicates: dict[str, str], source: Source, opts: DedupOptions) -> None:
+    data = {"source": source.describe(), "options": vars(opts),
+            "duplicates": [{"key": k, "of": v, "method": "semantic-hash"} for k, v in duplicates.items()]}
+    atomic_write_bytes(Path(path), json.dumps(data, indent=1).encode())
+
+
+def recall_and_false_positive_rate(found: dict[str, str], planted: dict[str, str], all_keys: list[str]
+                                   ) -> tuple[float, float]:
+    """Recall: planted copies flagged (as duplicates of their original, or with it in one group).
+    False-positive rate: of the images with no planted twin, the share flagged as a duplicate."""
+    def group(k: str) -> str:
+        return found.get(k, k)
+
+    hits = sum(1 for copy, original in planted.items() if group(copy) == group(original))
+    involved = set(planted) | set(planted.values())
+    clean = [k for k in all_keys if k not in involved]
+    false = sum(1 for k in clean if k in found)
+    return hits / max(len(planted), 1), false / max(len(clean), 1)

@@ -1,0 +1,117 @@
+"""An LSUN-format LMDB built from the CC0 photographs scikit-image ships.
+
+LSUN itself cannot be downloaded everywhere; this makes a stand-in with the same layout (one
+LMDB, key = image id, value = encoded WebP or JPEG, shorter side 256 px) for trying the
+pipeline, for the tests and for the benchmarks. Images are random crops (position, scale,
+flip, brightness) of the photographs, so they differ from one another. Optionally it plants
+near-duplicates (resized, re-encoded, slightly cropped copies), exact duplicates and corrupt
+values, and returns where it put them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lmdb
+import numpy as np
+from PIL import Image
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "retina", "hubble_deep_field", "immunohistochemistry")
+
+
+@dataclass
+class Planted:
+    near_duplicates: dict[str, str] = field(default_factory=dict)  # copy key -> original key
+    exact_duplicates: dict[str, str] = field(default_factory=dict)
+    corrupt: list[str] = field(default_factory=list)
+
+
+def _photos() -> list[np.ndarray]:
+    import skimage.data
+
+    return [getattr(skimage.data, name)() for name in PHOTOS]
+
+
+def _random_view(photo: np.ndarray, rng: np.random.Generator, short_side: int) -> Image.Image:
+    while True:  # skip flat views (night sky, blank background): at 32x32 they all look alike
+        image = _crop_view(photo, rng, short_side)
+        if np.asarray(image.resize((32, 32))).std() > 40:
+            return image
+
+
+def _crop_view(photo: np.ndarray, rng: np.random.Generator, short_side: int) -> Image.Image:
+    # small crops, quarter turns, flips and channel orders: views of one photo rarely overlap
+    photo = np.rot90(photo, int(rng.integers(4)))[..., rng.permutation(3)]
+    h, w = photo.shape[:2]
+    crop_h = int(min(h, w) * rng.uniform(0.2, 0.5))
+    crop_w = min(w, int(crop_h * rng.uniform(1.0, 1.5)))
+    top, left = rng.integers(0, h - crop_h + 1), rng.integers(0, w - crop_w + 1)
+    view = photo[top:top + crop_h, left:left + crop_w].astype(np.float32) * rng.uniform(0.7, 1.2)
+    image = Image.fromarray(view.clip(0, 255).astype(np.uint8))
+    if rng.random() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    scale = short_side / min(image.size)
+    return image.resize((round(image.size[0] * scale), round(image.size[1] * scale)), Image.Resampling.BICUBIC)
+
+
+def _near_copy(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Slightly cropped (2-5 %), down- and re-upscaled: what re-posting does to a picture."""
+    w, h = image.size
+    dx, dy = int(w * rng.uniform(0.02, 0.05)), int(h * rng.uniform(0.02, 0.05))
+    copy = image.crop((dx, dy, w - dx, h - dy))
+    small = copy.resize((int(copy.size[0] * rng.uniform(0.5, 0.8)), int(copy.size[1] * rng.uniform(0.5, 0.8))))
+    return small.resize(image.size, Image.Resampling.BILINEAR)
+
+
+def _encode(image: Image.Image, fmt: str, quality: int) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, quality=quality)
+    return buf.getvalue()
+
+
+def _key(i: int) -> str:
+    # LSUN keys are 40-hex-digit ids, so LMDB order is unrelated to insertion order
+    return hashlib.sha1(f"dcgan-scale-sample-{i}".encode()).hexdigest()
+
+
+def build_sample_lsun(out: str | Path, n: int, *, seed: int = 0, image_format: str = "WEBP", short_side: int = 256,
+                      near_duplicates: int = 0, exact_duplicates: int = 0, corrupt: int = 0) -> Planted:
+    """Write `n` distinct images plus the planted extras into the LMDB folder `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    photos = _photos()
+    planted = Planted()
+    env = lmdb.open(str(out), map_size=1 << 40, subdir=True)
+    originals: list[tuple[str, Image.Image]] = []
+    count = 0
+    with env.begin(write=True) as txn:
+        for _ in range(n):
+            image = _random_view(photos[rng.integers(len(photos))], rng, short_side)
+            key = _key(count)
+            count += 1
+            txn.put(key.encode(), _encode(image, image_format, int(rng.integers(75, 95))))
+            if len(originals) < near_duplicates + exact_duplicates:
+                originals.append((key, image))
+        for original_key, image in originals[:near_duplicates]:
+            key = _key(count)
+            count += 1
+            txn.put(key.encode(), _encode(_near_copy(image, rng), "JPEG", int(rng.integers(60, 90))))
+            planted.near_duplicates[key] = original_key
+        for original_key, _ in originals[near_duplicates:]:
+            key = _key(count)
+            count += 1
+            txn.put(key.encode(), txn.get(original_key.encode()))
+            planted.exact_duplicates[key] = original_key
+        for i in range(corrupt):
+            key = _key(count)
+            count += 1
+            good = txn.get(originals[0][0].encode()) if originals else _encode(Image.new("RGB", (8, 8)), "PNG", 0)
+            value = [b"", b"this is not an image", good[: len(good) // 3]][i % 3]
+            txn.put(key.encode(), value)
+            planted.corrupt.append(key)
+    env.close()
+    return planted
