@@ -12,14 +12,17 @@ from pathlib import Path
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Failures caused by input (config, files, data) that deserve one line, not a traceback."""
+    from data_shards.convert import ConversionError
     from data_shards.idx import IdxError
     from data_shards.manifest import ShardSetError
     from data_shards.sources.fashion_mnist import DatasetMissing
+    from data_shards.sources.lsun_lmdb import SourceMissing
     from trainer.checkpoint_io import CheckpointError
     from trainer.config import ConfigError
     from trainer.step import NonFiniteLoss
 
-    return (ConfigError, ShardSetError, CheckpointError, DatasetMissing, IdxError, NonFiniteLoss)
+    return (ConfigError, ShardSetError, CheckpointError, DatasetMissing, IdxError, NonFiniteLoss, ConversionError,
+            SourceMissing)
 
 
 def _quiet_deepspeed() -> None:
@@ -100,6 +103,30 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_dedup(args: argparse.Namespace) -> int:
+    from data_shards.dedup import DedupOptions, find_near_duplicates, write_duplicate_list
+    from data_shards.sources import open_source
+
+    source = open_source(args.source, args.input)
+    opts = DedupOptions(train_samples=args.train_samples, train_steps=args.train_steps, bands=args.bands,
+                        max_hamming=args.max_hamming, max_cosine=args.max_cosine, workers=args.workers)
+    duplicates = find_near_duplicates(source, opts)
+    write_duplicate_list(args.out, duplicates, source, opts)
+    print(f"{args.out}: {len(duplicates)} near-duplicates; pass it to `dcgan data convert --skip-keys`")
+    return 0
+
+
+def cmd_data_sample_lsun(args: argparse.Namespace) -> int:
+    from data_shards.sample_lsun import build_sample_lsun
+
+    planted = build_sample_lsun(args.out, args.n, seed=args.seed, image_format=args.format.upper(),
+                                near_duplicates=args.near_duplicates, exact_duplicates=args.exact_duplicates,
+                                corrupt=args.corrupt)
+    print(f"{args.out}: LSUN-format LMDB with {args.n} images, {len(planted.near_duplicates)} near-duplicates, "
+          f"{len(planted.exact_duplicates)} exact duplicates, {len(planted.corrupt)} corrupt values")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dcgan", description=__doc__)
     # the deepspeed launcher passes --local_rank before the sub-command; LOCAL_RANK carries it too
@@ -144,6 +171,28 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--overwrite", action="store_true")
     conv.add_argument("--quiet", action="store_true")
     conv.set_defaults(func=cmd_data_convert)
+
+    dedup = data.add_parser("dedup", help="the paper's near-duplicate pass: autoencoder semantic hashing")
+    dedup.add_argument("--source", default="lsun", choices=["lsun", "folder", "fashion-mnist"])
+    dedup.add_argument("--input")
+    dedup.add_argument("--out", required=True, help="JSON list of duplicate keys, for convert --skip-keys")
+    dedup.add_argument("--train-samples", type=int, default=50_000)
+    dedup.add_argument("--train-steps", type=int, default=3000, help="autoencoder Adam steps (batch 256)")
+    dedup.add_argument("--bands", type=int, default=8)
+    dedup.add_argument("--max-hamming", type=int, default=16)
+    dedup.add_argument("--max-cosine", type=float, default=0.04)
+    dedup.add_argument("--workers", type=int, default=0)
+    dedup.set_defaults(func=cmd_data_dedup)
+
+    sample_lsun = data.add_parser("sample-lsun", help="an LSUN-format LMDB from scikit-image's CC0 photos")
+    sample_lsun.add_argument("--out", required=True)
+    sample_lsun.add_argument("--n", type=int, default=1000)
+    sample_lsun.add_argument("--format", default="webp", choices=["webp", "jpeg"])
+    sample_lsun.add_argument("--seed", type=int, default=0)
+    sample_lsun.add_argument("--near-duplicates", type=int, default=0)
+    sample_lsun.add_argument("--exact-duplicates", type=int, default=0)
+    sample_lsun.add_argument("--corrupt", type=int, default=0)
+    sample_lsun.set_defaults(func=cmd_data_sample_lsun)
     return parser
 
 

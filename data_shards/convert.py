@@ -50,6 +50,10 @@ from data_shards.writer import read_shard, write_shard
 PROGRESS = ".progress"
 
 
+class ConversionError(ValueError):
+    """Options or an output folder that a conversion cannot proceed with."""
+
+
 @dataclass
 class ConvertOptions:
     resolution: int = 64
@@ -65,11 +69,11 @@ class ConvertOptions:
 
     def check(self) -> None:
         if self.encoding not in ENCODINGS:
-            raise ValueError(f"encoding must be one of {', '.join(ENCODINGS)}, got {self.encoding!r}")
+            raise ConversionError(f"encoding must be one of {', '.join(ENCODINGS)}, got {self.encoding!r}")
         if self.resolution < 8 or self.channels not in (1, 3) or self.shard_size < 1:
-            raise ValueError("need resolution >= 8, channels 1 or 3, shard size >= 1")
+            raise ConversionError("need resolution >= 8, channels 1 or 3, shard size >= 1")
         if not 0 <= self.part[0] < self.part[1]:
-            raise ValueError(f"part must be i/n with 0 <= i < n, got {self.part[0]}/{self.part[1]}")
+            raise ConversionError(f"part must be i/n with 0 <= i < n, got {self.part[0]}/{self.part[1]}")
 
     def transform(self) -> dict[str, Any]:
         return {"resolution": self.resolution, "channels": self.channels, "crop": "center", "resize": "bicubic",
@@ -97,7 +101,7 @@ def make_plan(source: Source, out: Path, opts: ConvertOptions) -> list[dict]:
     if path.is_file():
         saved = json.loads(path.read_text())
         if saved["settings"] != settings:
-            raise ValueError(f"{out} holds a conversion with other settings ({path}); "
+            raise ConversionError(f"{out} holds a conversion with other settings ({path}); "
                              "convert into a new folder or pass --overwrite")
         return saved["shards"]
     shards: list[dict] = []
@@ -108,7 +112,7 @@ def make_plan(source: Source, out: Path, opts: ConvertOptions) -> list[dict]:
             shards.append({"first_key": key, "count": 0})
         shards[-1]["count"] += 1
     if not shards:
-        raise ValueError(f"source {settings['source']} holds no items")
+        raise ConversionError(f"source {settings['source']} holds no items")
     path.parent.mkdir(parents=True, exist_ok=True)
     _write_json(path, {"settings": settings, "shards": shards})
     return shards

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,10 +56,11 @@ class HashingAutoencoder(nn.Module):
 @dataclass
 class DedupOptions:
     train_samples: int = 50_000
-    epochs: int = 20
+    train_steps: int = 3000  # Adam steps of 256 crops, whatever the sample size
     noise: float = 0.3
     bands: int = 8
-    max_hamming: int = 12
+    max_hamming: int = 16
+    max_cosine: float = 0.04
     workers: int = 0
     seed: int = 0
 
@@ -101,24 +101,27 @@ def train_autoencoder(crops: np.ndarray, opts: DedupOptions) -> tuple[HashingAut
     model.std.copy_((data - model.mean).std())
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(opts.seed)
-    for _ in range(opts.epochs):
-        for batch in model.standardise(data)[torch.randperm(len(data), generator=generator)].split(256):
-            noisy = batch + opts.noise * torch.randn(batch.shape, generator=generator)
-            loss = nn.functional.mse_loss(model(noisy), batch)
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
+    standardised = model.standardise(data)
+    for _ in range(opts.train_steps):
+        batch = standardised[torch.randint(len(data), (256,), generator=generator)]
+        noisy = batch + opts.noise * torch.randn(batch.shape, generator=generator)
+        loss = nn.functional.mse_loss(model(noisy), batch)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
     model.eval()
     with torch.no_grad():
         codes = model.encode(data)
     return model, codes.median(dim=0).values.numpy()
 
 
-def hash_codes(model: HashingAutoencoder, thresholds: np.ndarray, crops: np.ndarray) -> np.ndarray:
-    """N x 3072 crops -> N x 16 uint8 (128 packed bits)."""
+def hash_codes(model: HashingAutoencoder, thresholds: np.ndarray, crops: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """N x 3072 crops -> (N x 16 uint8: the 128-bit hashes, N x 128 float16: unit-length codes)."""
     with torch.no_grad():
         codes = model.encode(torch.from_numpy(crops)).numpy()
-    return np.packbits(codes > thresholds, axis=1)
+    unit = codes / np.maximum(np.linalg.norm(codes, axis=1, keepdims=True), 1e-6)
+    return np.packbits(codes > thresholds, axis=1), unit.astype(np.float16)
 
 
 _WORKER: dict = {}
@@ -132,20 +135,28 @@ def _init(source: Source, model_state: dict, thresholds: np.ndarray) -> None:
     _WORKER.update(source=source, model=model, thresholds=thresholds)
 
 
-def _hash_range(job: tuple[str, int]) -> tuple[list[str], np.ndarray]:
+def _hash_range(job: tuple[str, int]) -> tuple[list[str], np.ndarray, np.ndarray]:
     keys, crops = [], []
     for key, crop in _read_all(_WORKER["source"], *job):
         if crop is not None:
             keys.append(key)
             crops.append(crop)
     if not crops:
-        return keys, np.zeros((0, 16), np.uint8)
-    return keys, hash_codes(_WORKER["model"], _WORKER["thresholds"], np.stack(crops))
+        return keys, np.zeros((0, 16), np.uint8), np.zeros((0, 128), np.float16)
+    return (keys, *hash_codes(_WORKER["model"], _WORKER["thresholds"], np.stack(crops)))
 
 
-def group_duplicates(keys: list[str], hashes: np.ndarray, bands: int, max_hamming: int) -> dict[str, str]:
-    """duplicate key -> the key it duplicates (the first of its group in `keys` order)."""
-    parent = list(range(len(keys)))
+def group_duplicates(keys: list[str], hashes: np.ndarray, codes: np.ndarray, opts: DedupOptions,
+                     max_bucket: int = 20_000) -> dict[str, str]:
+    """duplicate key -> the key it duplicates (the first of its group in `keys` order).
+
+    Two hashes that differ in d bits share at least one band whenever d < bands, and often for
+    larger d; within a bucket all pairs are compared: a pair is a duplicate when its hashes
+    differ in at most `max_hamming` bits and its real-valued codes are within `max_cosine`
+    cosine distance (the binarised code alone lets too many distinct images through). A bucket
+    of more than `max_bucket` hashes (a degenerate band, e.g. blank images) is not searched."""
+    bands, max_hamming = opts.bands, opts.max_hamming
+    parent = np.arange(len(keys))
 
     def find(i: int) -> int:
         while parent[i] != i:
@@ -156,17 +167,20 @@ def group_duplicates(keys: list[str], hashes: np.ndarray, bands: int, max_hammin
     bits = np.unpackbits(hashes, axis=1)
     width = bits.shape[1] // bands
     for band in range(bands):
-        buckets: dict[bytes, list[int]] = defaultdict(list)
-        for i, row in enumerate(np.packbits(bits[:, band * width:(band + 1) * width], axis=1)):
-            buckets[row.tobytes()].append(i)
-        for members in buckets.values():
-            if len(members) < 2:
+        band_keys = np.packbits(bits[:, band * width:(band + 1) * width], axis=1)
+        band_ids = band_keys.view(np.dtype((np.void, band_keys.shape[1]))).ravel()
+        order = np.argsort(band_ids, kind="stable")
+        boundaries = np.flatnonzero(band_ids[order][1:] != band_ids[order][:-1]) + 1
+        for members in np.split(order, boundaries):
+            if len(members) < 2 or len(members) > max_bucket:
                 continue
-            anchor = members[0]
-            for other in members[1:]:
-                if find(anchor) != find(other) and np.count_nonzero(bits[anchor] != bits[other]) <= max_hamming:
-                    a, b = sorted((find(anchor), find(other)))
-                    parent[b] = a
+            hamming = np.count_nonzero(bits[members][:, None, :] != bits[members][None, :, :], axis=2)
+            unit = codes[members].astype(np.float32)
+            close = (hamming <= max_hamming) & (1 - unit @ unit.T <= opts.max_cosine)
+            for a, b in zip(*np.nonzero(np.triu(close, k=1)), strict=True):
+                ra, rb = find(members[a]), find(members[b])
+                if ra != rb:
+                    parent[max(ra, rb)] = min(ra, rb)
     return {keys[i]: keys[find(i)] for i in range(len(keys)) if find(i) != i}
 
 
@@ -182,9 +196,10 @@ def find_near_duplicates(source: Source, opts: DedupOptions, progress: bool = Fa
     workers = max(1, min(opts.workers or os.cpu_count() or 1, len(ranges)))
     with multiprocessing.get_context("fork").Pool(workers, _init, (source, model.state_dict(), thresholds)) as pool:
         parts = pool.map(_hash_range, ranges)  # map keeps source order, which decides who is kept
-    keys = [k for part_keys, _ in parts for k in part_keys]
-    hashes = np.concatenate([h for _, h in parts])
-    return group_duplicates(keys, hashes, opts.bands, opts.max_hamming)
+    keys = [k for part_keys, _, _ in parts for k in part_keys]
+    hashes = np.concatenate([h for _, h, _ in parts])
+    codes = np.concatenate([c for _, _, c in parts])
+    return group_duplicates(keys, hashes, codes, opts)
 
 
 def write_duplicate_list(path: str | Path, duplicates: dict[str, str], source: Source, opts: DedupOptions) -> None:

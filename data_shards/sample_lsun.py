@@ -36,14 +36,23 @@ def _photos() -> list[np.ndarray]:
 
 
 def _random_view(photo: np.ndarray, rng: np.random.Generator, short_side: int) -> Image.Image:
-    while True:  # skip flat views (night sky, blank background): at 32x32 they all look alike
-        image = _crop_view(photo, rng, short_side)
-        if np.asarray(image.resize((32, 32))).std() > 40:
-            return image
+    """A crop of a photo with a few random shapes over it: seven photos alone give too few
+    distinct-looking 32x32 thumbnails for duplicate detection to be measured against."""
+    from PIL import ImageDraw
+
+    image = _crop_view(photo, rng, short_side)
+    draw = ImageDraw.Draw(image, "RGBA")
+    w, h = image.size
+    for _ in range(int(rng.integers(3, 7))):
+        x0, y0 = int(rng.integers(0, w)), int(rng.integers(0, h))
+        x1, y1 = x0 + int(rng.integers(w // 8, w // 2)), y0 + int(rng.integers(h // 8, h // 2))
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3)) + (int(rng.integers(120, 230)),)
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x0, y0, x1, y1), fill=colour)
+    return image
 
 
 def _crop_view(photo: np.ndarray, rng: np.random.Generator, short_side: int) -> Image.Image:
-    # small crops, quarter turns, flips and channel orders: views of one photo rarely overlap
+    # quarter turns, flips and channel orders multiply the looks of each photo
     photo = np.rot90(photo, int(rng.integers(4)))[..., rng.permutation(3)]
     h, w = photo.shape[:2]
     crop_h = int(min(h, w) * rng.uniform(0.2, 0.5))

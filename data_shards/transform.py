@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 
 import numpy as np
 from PIL import Image
@@ -42,7 +43,8 @@ def decode_image(data: bytes, channels: int, min_side: int = 0) -> np.ndarray:
                 image.draft(image.mode, (int(w / scale) + 1, int(h / scale) + 1))
         image = image.convert("L" if channels == 1 else "RGB")
     except Exception as e:  # Pillow raises many types for broken input
-        raise UndecodableImage(f"undecodable image: {type(e).__name__}: {e}") from None
+        detail = re.sub(r" ?<[^>]* at 0x[0-9a-f]+>", "", str(e))  # object addresses differ run to run
+        raise UndecodableImage(f"undecodable image: {type(e).__name__}: {detail}") from None
     array = np.asarray(image)
     return array[..., None] if array.ndim == 2 else array
 

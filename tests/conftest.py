@@ -60,3 +60,13 @@ def tiny_train_args(shards: Path, run_dir: Path, *extra: str) -> list[str]:
     for item in (*TINY, *extra):
         args += ["--set", item]
     return args
+
+
+@pytest.fixture(scope="session")
+def lsun_lmdb(tmp_path_factory):
+    """An LSUN-format LMDB (WebP values, 256 px shorter side) with planted extras."""
+    from data_shards.sample_lsun import build_sample_lsun
+
+    path = tmp_path_factory.mktemp("lsun") / "bedroom_train_lmdb"
+    planted = build_sample_lsun(path, 600, near_duplicates=60, exact_duplicates=6, corrupt=6)
+    return path, planted

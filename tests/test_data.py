@@ -153,3 +153,20 @@ def test_corrupt_sample_is_skipped_and_counted(tmp_path):
     ld = loader(tmp_path, batch=28, buffer=0)
     batches = list(ld.batches(0))
     assert len(batches) == 1 and ld.skipped == 2
+
+
+def test_truncated_shard_is_counted_and_ranks_keep_their_step_count(tmp_path):
+    folder = unique_shards(tmp_path, n=600, shard_size=50)
+    shard = folder / "shard-000004.tar"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
+    for rank in range(2):
+        ld = loader(folder, rank=rank, world=2, workers=2, batch=10)
+        batches = list(ld.batches(0))
+        assert len(batches) == ld.steps_per_epoch(0)
+        if rank == 0 or ld.skipped:
+            continue
+    # the truncated shard belongs to one rank: that rank counted the damage and topped up
+    counts = [loader(folder, rank=r, world=2, workers=2, batch=10) for r in range(2)]
+    for ld in counts:
+        list(ld.batches(0))
+    assert sum(ld.skipped for ld in counts) >= 1

@@ -16,7 +16,9 @@ class ImageFolder:
 
     def __init__(self, root: Path):
         if not root.is_dir():
-            raise FileNotFoundError(f"image folder {root} does not exist")
+            from data_shards.sources.lsun_lmdb import SourceMissing
+
+            raise SourceMissing(f"image folder {root} does not exist")
         self.root = root
         # The listing is the one thing held per image (a relative path): a folder gives no other
         # stable order to split by.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,28 +22,28 @@ class LsunLmdb:
                                 "e.g. bedroom_train_lmdb")
         self.path = path
         self.classes: list[str] = []
-        self._env: lmdb.Environment | None = None
 
-    def _open(self) -> lmdb.Environment:
-        # opened lazily, once per process: an LMDB handle must not cross a fork
-        if self._env is None:
-            self._env = lmdb.open(str(self.path), readonly=True, lock=False, readahead=False, meminit=False,
-                                  max_readers=1024)
-        return self._env
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_env": None}
+    @contextlib.contextmanager
+    def _env(self) -> Iterator[lmdb.Environment]:
+        # Opened per use and closed after: an LMDB handle must not cross a fork, and py-lmdb
+        # refuses a second handle on one environment in a process.
+        env = lmdb.open(str(self.path), readonly=True, lock=False, readahead=False, meminit=False)
+        try:
+            yield env
+        finally:
+            env.close()
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "path": str(self.path), "entries": self._open().stat()["entries"]}
+        with self._env() as env:
+            return {"kind": self.kind, "path": str(self.path), "entries": env.stat()["entries"]}
 
     def scan_keys(self) -> Iterator[str]:
-        with self._open().begin(buffers=True) as txn:
+        with self._env() as env, env.begin(buffers=True) as txn:
             for key in txn.cursor().iternext(keys=True, values=False):
                 yield bytes(key).decode()
 
     def read(self, first_key: str, count: int) -> Iterator[tuple[str, bytes, int]]:
-        with self._open().begin() as txn:
+        with self._env() as env, env.begin() as txn:
             cursor = txn.cursor()
             if not cursor.set_key(first_key.encode()):
                 raise KeyError(f"{self.path}: key {first_key!r} vanished since the conversion was planned")
