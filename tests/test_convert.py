@@ -105,7 +105,8 @@ def test_image_folder_source_with_classes(tmp_path):
     for cls in ("cats", "dogs"):
         (tmp_path / "src" / cls).mkdir(parents=True)
         for i in range(5):
-            Image.fromarray(rng.integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(tmp_path / "src" / cls / f"{i}.v1.jpg")
+            pixels = rng.integers(0, 255, (50, 70, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "src" / cls / f"{i}.v1.jpg")
     (tmp_path / "src" / "dogs" / "broken.png").write_bytes(b"\x89PNG broken")
     m = convert("folder", tmp_path / "src", tmp_path / "out", ConvertOptions(resolution=32, shard_size=4, workers=1),
                 progress=False)
