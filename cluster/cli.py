@@ -121,7 +121,7 @@ def cmd_data_sample_lsun(args: argparse.Namespace) -> int:
 
     planted = build_sample_lsun(args.out, args.n, seed=args.seed, image_format=args.format.upper(),
                                 near_duplicates=args.near_duplicates, exact_duplicates=args.exact_duplicates,
-                                corrupt=args.corrupt)
+                                corrupt=args.corrupt, workers=args.workers)
     print(f"{args.out}: LSUN-format LMDB with {args.n} images, {len(planted.near_duplicates)} near-duplicates, "
           f"{len(planted.exact_duplicates)} exact duplicates, {len(planted.corrupt)} corrupt values")
     return 0
@@ -192,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample_lsun.add_argument("--near-duplicates", type=int, default=0)
     sample_lsun.add_argument("--exact-duplicates", type=int, default=0)
     sample_lsun.add_argument("--corrupt", type=int, default=0)
+    sample_lsun.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     sample_lsun.set_defaults(func=cmd_data_sample_lsun)
     return parser
 

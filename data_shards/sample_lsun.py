@@ -86,41 +86,57 @@ def _key(i: int) -> str:
     return hashlib.sha1(f"dcgan-scale-sample-{i}".encode()).hexdigest()
 
 
+_PHOTO_CACHE: list[np.ndarray] = []
+
+
+def _original(job: tuple[int, int, str, int]) -> bytes:
+    seed, index, image_format, short_side = job
+    if not _PHOTO_CACHE:
+        _PHOTO_CACHE.extend(_photos())
+    rng = np.random.default_rng([seed, index])  # image i is the same however the work is split
+    image = _random_view(_PHOTO_CACHE[rng.integers(len(_PHOTO_CACHE))], rng, short_side)
+    return _encode(image, image_format, int(rng.integers(75, 95)))
+
+
 def build_sample_lsun(out: str | Path, n: int, *, seed: int = 0, image_format: str = "WEBP", short_side: int = 256,
-                      near_duplicates: int = 0, exact_duplicates: int = 0, corrupt: int = 0) -> Planted:
+                      near_duplicates: int = 0, exact_duplicates: int = 0, corrupt: int = 0,
+                      workers: int = 1) -> Planted:
     """Write `n` distinct images plus the planted extras into the LMDB folder `out`."""
+    import multiprocessing
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    photos = _photos()
+    rng = np.random.default_rng([seed, n])
     planted = Planted()
     env = lmdb.open(str(out), map_size=1 << 40, subdir=True)
-    originals: list[tuple[str, Image.Image]] = []
-    count = 0
-    with env.begin(write=True) as txn:
-        for _ in range(n):
-            image = _random_view(photos[rng.integers(len(photos))], rng, short_side)
-            key = _key(count)
-            count += 1
-            txn.put(key.encode(), _encode(image, image_format, int(rng.integers(75, 95))))
-            if len(originals) < near_duplicates + exact_duplicates:
-                originals.append((key, image))
-        for original_key, image in originals[:near_duplicates]:
-            key = _key(count)
-            count += 1
-            txn.put(key.encode(), _encode(_near_copy(image, rng), "JPEG", int(rng.integers(60, 90))))
-            planted.near_duplicates[key] = original_key
-        for original_key, _ in originals[near_duplicates:]:
-            key = _key(count)
-            count += 1
-            txn.put(key.encode(), txn.get(original_key.encode()))
-            planted.exact_duplicates[key] = original_key
-        for i in range(corrupt):
-            key = _key(count)
-            count += 1
-            good = txn.get(originals[0][0].encode()) if originals else _encode(Image.new("RGB", (8, 8)), "PNG", 0)
-            value = [b"", b"this is not an image", good[: len(good) // 3]][i % 3]
-            txn.put(key.encode(), value)
-            planted.corrupt.append(key)
-    env.close()
+    originals: list[str] = []
+    jobs = [(seed, i, image_format, short_side) for i in range(n)]
+    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
+    try:
+        values = pool.imap(_original, jobs, chunksize=64) if pool else map(_original, jobs)
+        with env.begin(write=True) as txn:
+            for i, value in enumerate(values):
+                txn.put(_key(i).encode(), value)
+                if i < near_duplicates + exact_duplicates:
+                    originals.append(_key(i))
+            count = n
+            for original in originals[:near_duplicates]:
+                image = Image.open(io.BytesIO(txn.get(original.encode()))).convert("RGB")
+                txn.put(_key(count).encode(), _encode(_near_copy(image, rng), "JPEG", int(rng.integers(60, 90))))
+                planted.near_duplicates[_key(count)] = original
+                count += 1
+            for original in originals[near_duplicates:]:
+                txn.put(_key(count).encode(), txn.get(original.encode()))
+                planted.exact_duplicates[_key(count)] = original
+                count += 1
+            good = txn.get(_key(0).encode()) if n else b""
+            for i in range(corrupt):
+                txn.put(_key(count).encode(), [b"", b"this is not an image", good[: len(good) // 3]][i % 3])
+                planted.corrupt.append(_key(count))
+                count += 1
+    finally:
+        if pool:
+            pool.close()
+            pool.join()
+        env.close()
     return planted
