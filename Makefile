@@ -41,8 +41,10 @@ $(FASHION_MNIST):
 $(SHARDS)/manifest.json: $(VENV)/.installed $(FASHION_MNIST)
 	$(BIN)/dcgan data convert --source fashion-mnist --out $(SHARDS) --resolution 32
 
-bench: setup  ## training-step throughput, ours vs plain PyTorch
+bench: setup  ## every benchmark; each prints a table and writes benchmarks/results/*.json
 	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/convert_throughput.py
+	$(BIN)/python benchmarks/loader_throughput.py
 
 lint: setup
 	$(BIN)/ruff check .

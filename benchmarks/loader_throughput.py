@@ -55,12 +55,13 @@ class LsunLmdbDataset(torch.utils.data.Dataset):
         w, h = image.size
         left, top = (w - self.resolution) // 2, (h - self.resolution) // 2
         image = image.crop((left, top, left + self.resolution, top + self.resolution))
-        return torch.from_numpy(np.asarray(image)).permute(2, 0, 1).float().div(127.5).sub(1)
+        return torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div(127.5).sub(1)
 
 
 def measure(batches, batch: int, limit: int) -> float:
     start, n = time.perf_counter(), 0
-    for images, *_ in batches:
+    for batch_ in batches:
+        images = batch_[0] if isinstance(batch_, (tuple, list)) else batch_
         n += images.shape[0]
         if n >= limit:
             break

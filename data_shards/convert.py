@@ -164,8 +164,9 @@ def convert_shard(index: int, first_key: str, count: int) -> dict:
             seen[digest] = key
             keys.append(key)
             hashes.append(digest)
-            record = {ext: encode(center_crop_resize(pixels, opts.resolution), opts.encoding, opts.quality),
-                      "cls": str(label).encode()}
+            record = {ext: encode(center_crop_resize(pixels, opts.resolution), opts.encoding, opts.quality)}
+            if label >= 0:  # unlabelled sources (LSUN) store no class member: one tar header less to parse
+                record["cls"] = str(label).encode()
             if opts.keep_original and isinstance(value, bytes):
                 record[_original_extension(value)] = value
             yield key, record

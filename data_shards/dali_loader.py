@@ -45,7 +45,7 @@ def _build_pipeline(*, paths: list[str], index_paths: list[str], extension: str,
         encoded, labels = fn.readers.webdataset(
             paths=paths, index_paths=index_paths, ext=[extension, "cls"], shard_id=shard_id,
             num_shards=num_shards, random_shuffle=shuffle_buffer > 1, initial_fill=max(shuffle_buffer, 1),
-            missing_component_behavior="skip", name="reader")
+            missing_component_behavior="empty", name="reader")  # unlabelled sets store no "cls"
         if encoding == "raw":
             images = fn.reshape(encoded, shape=list(shape), layout="HWC")
             images = images.gpu() if gpu else images

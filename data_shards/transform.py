@@ -41,7 +41,9 @@ def decode_image(data: bytes, channels: int, min_side: int = 0) -> np.ndarray:
             scale = min(w, h) / (2 * min_side)
             if scale >= 2:
                 image.draft(image.mode, (int(w / scale) + 1, int(h / scale) + 1))
-        image = image.convert("L" if channels == 1 else "RGB")
+        mode = "L" if channels == 1 else "RGB"
+        if image.mode != mode:
+            image = image.convert(mode)
     except Exception as e:  # Pillow raises many types for broken input
         detail = re.sub(r" ?<[^>]* at 0x[0-9a-f]+>", "", str(e))  # object addresses differ run to run
         raise UndecodableImage(f"undecodable image: {type(e).__name__}: {detail}") from None

@@ -92,16 +92,22 @@ def test_resume_is_bit_identical_fp32(fashion_shards, trained_run, tmp_path):
     assert torch.equal(safe_load(a / "rank-00000.pt")["noise_rng"], safe_load(b / "rank-00000.pt")["noise_rng"])
 
 
-def test_resume_bf16_within_tolerance(fashion_shards, tmp_path):
-    extra = ("checkpoint.every_steps=8", "precision.dtype=bf16")
+def whole_and_resumed(shards, tmp_path, steps, dtype):
+    """The last checkpoints of a run of `steps` and of one stopped at steps / 2 and resumed."""
+    extra = (f"checkpoint.every_steps={steps // 2}", f"precision.dtype={dtype}")
     whole, split = tmp_path / "whole", tmp_path / "split"
-    assert run_dcgan(*tiny_train_args(fashion_shards, whole, "optim.max_steps=16", *extra)).returncode == 0
-    assert run_dcgan(*tiny_train_args(fashion_shards, split, "optim.max_steps=8", *extra)).returncode == 0
-    res = run_dcgan(*tiny_train_args(fashion_shards, split, "optim.max_steps=16", *extra), "--resume", str(split))
+    assert run_dcgan(*tiny_train_args(shards, whole, f"optim.max_steps={steps}", *extra)).returncode == 0
+    assert run_dcgan(*tiny_train_args(shards, split, f"optim.max_steps={steps // 2}", *extra)).returncode == 0
+    res = run_dcgan(*tiny_train_args(shards, split, f"optim.max_steps={steps}", *extra), "--resume", str(split))
     assert res.returncode == 0, res.stderr[-3000:]
+    last = f"step-{steps:08d}"
+    return whole / "checkpoints" / last, split / "checkpoints" / last
+
+
+def test_resume_bf16_within_tolerance(fashion_shards, tmp_path):
+    whole, resumed = whole_and_resumed(fashion_shards, tmp_path, 16, "bf16")
     for tag in ("generator", "discriminator"):
-        assert_same(model_state(whole / "checkpoints" / "step-00000016", tag),
-                    model_state(split / "checkpoints" / "step-00000016", tag), exact=False, atol=1e-3)
+        assert_same(model_state(whole, tag), model_state(resumed, tag), exact=False, atol=1e-3)
 
 
 def test_unknown_key_and_missing_shards_are_one_line_errors(tmp_path):
@@ -213,15 +219,9 @@ def test_cli_nproc_launches_two_ranks(fashion_shards, tmp_path):
 
 def test_fp16_keeps_a_loss_scaler_per_engine_and_resumes_it(fashion_shards, tmp_path):
     # fp16 is CUDA's precision; on CPU the same DeepSpeed torch_autocast + GradScaler path runs
-    extra = ("checkpoint.every_steps=6", "precision.dtype=fp16")
-    whole, split = tmp_path / "whole", tmp_path / "split"
-    assert run_dcgan(*tiny_train_args(fashion_shards, whole, "optim.max_steps=12", *extra)).returncode == 0
-    assert run_dcgan(*tiny_train_args(fashion_shards, split, "optim.max_steps=6", *extra)).returncode == 0
-    res = run_dcgan(*tiny_train_args(fashion_shards, split, "optim.max_steps=12", *extra), "--resume", str(split))
-    assert res.returncode == 0, res.stderr[-3000:]
-    a = safe_load(whole / "checkpoints" / "step-00000012" / "rank-00000.pt")["grad_scalers"]
-    b = safe_load(split / "checkpoints" / "step-00000012" / "rank-00000.pt")["grad_scalers"]
+    whole, resumed = whole_and_resumed(fashion_shards, tmp_path, 12, "fp16")
+    a = safe_load(whole / "rank-00000.pt")["grad_scalers"]
+    b = safe_load(resumed / "rank-00000.pt")["grad_scalers"]
     assert set(a) == {"generator", "discriminator"} and a == b
     for tag in ("generator", "discriminator"):
-        assert_same(model_state(whole / "checkpoints" / "step-00000012", tag),
-                    model_state(split / "checkpoints" / "step-00000012", tag), exact=False, atol=1e-3)
+        assert_same(model_state(whole, tag), model_state(resumed, tag), exact=False, atol=1e-3)
