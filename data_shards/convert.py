@@ -131,6 +131,17 @@ def _original_extension(data: bytes) -> str:
     return next((ext for sig, ext in signatures.items() if data.startswith(sig)), "orig.bin")
 
 
+def _with_channels(pixels: np.ndarray, channels: int) -> np.ndarray:
+    """H x W or H x W x C uint8 -> H x W x `channels` (grey repeated, or colour averaged)."""
+    if pixels.ndim == 2:
+        pixels = pixels[..., None]
+    if pixels.shape[2] == channels:
+        return pixels
+    if channels == 3:
+        return np.repeat(pixels, 3, axis=2)
+    return pixels.mean(axis=2, keepdims=True).round().astype(np.uint8)
+
+
 def convert_shard(index: int, first_key: str, count: int) -> dict:
     source: Source = _WORKER["source"]
     out: Path = _WORKER["out"]
@@ -152,11 +163,7 @@ def convert_shard(index: int, first_key: str, count: int) -> dict:
             except UndecodableImage as e:
                 skipped.append({"key": key, "reason": str(e)})
                 continue
-            if pixels.ndim == 2:
-                pixels = pixels[..., None]
-            if pixels.shape[2] != opts.channels:
-                pixels = np.repeat(pixels, 3, axis=2) if opts.channels == 3 else pixels.mean(2, keepdims=True
-                                                                                           ).astype(np.uint8)
+            pixels = _with_channels(pixels, opts.channels)
             digest = pixel_hash(pixels)
             if digest in seen:
                 skipped.append({"key": key, "reason": f"exact duplicate of {seen[digest]}"})

@@ -36,6 +36,9 @@ class Trainer:
             batch_size=cfg.optim.batch_size // self.ctx.world_size, seed=cfg.optim.seed,
             channels=cfg.model.channels, resolution=cfg.model.resolution,
             num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer, device=self.ctx.device)
+        if self.loader.steps_per_epoch(0) == 0:
+            raise ShardSetError(f"{cfg.data.shards} holds {self.loader.manifest.total} samples: fewer than one "
+                                f"batch of {cfg.optim.batch_size // self.ctx.world_size} per rank")
         generator, discriminator = build_models(cfg.model, cfg.optim.seed)
         self.engines: GanEngines = build_engines(generator.to(self.ctx.device), discriminator.to(self.ctx.device),
                                                  cfg, self.ctx.world_size, self.precision)
@@ -43,9 +46,6 @@ class Trainer:
         self.fixed_z = sample_z(64, cfg.model, torch.Generator().manual_seed(cfg.optim.seed), self.ctx.device)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", self.ctx, cfg.checkpoint.keep_last,
                                          cfg.to_dict())
-        if self.loader.steps_per_epoch(0) == 0:
-            raise ShardSetError(f"{cfg.data.shards} holds {self.loader.manifest.total} samples: fewer than one batch "
-                             f"of {cfg.optim.batch_size // self.ctx.world_size} per rank")
         self.state = TrainState()
         self.step_fn = GanStep(self.engines, self.precision, cfg.model, self.ctx, self.noise,
                                cfg.checkpoint.on_nonfinite)
