@@ -8,8 +8,8 @@ SHARDS := data/fashion-mnist-32
 
 .PHONY: run test setup data bench lint clean
 
-run: setup data  ## set up, then train the embedded default (Fashion-MNIST 32x32) on this machine
-	$(BIN)/dcgan train --config configs/fashion-mnist-32.toml
+run: setup data  ## set up, then train the embedded default (Fashion-MNIST 32x32); a second run continues the first
+	$(BIN)/dcgan train --config configs/fashion-mnist-32.toml --resume auto
 
 test: setup  ## set up, then run the test suite
 	$(BIN)/python -m pytest -q tests

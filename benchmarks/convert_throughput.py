@@ -20,12 +20,14 @@ import shutil
 import subprocess
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.report import print_table, write_result  # noqa: E402
 
 
 def dcgan(*args: str) -> list[str]:
@@ -88,15 +90,11 @@ def main() -> None:
         rows.append({"input": "jpeg", **timed_convert(source, args.work / "out", cores)})
     shutil.rmtree(args.work / "out", ignore_errors=True)
 
-    print(f"\nLSUN-format LMDB (256 px shorter side) -> 64x64 PNG shards, {cores} cores\n")
-    print(f"{'input':<6}{'images':>9}{'workers':>9}{'img/s':>9}{'img/s/core':>12}{'peak anon MiB':>14}")
-    for r in rows:
-        print(f"{r['input']:<6}{r['images']:>9}{r['workers']:>9}{r['img_per_s']:>9.0f}"
-              f"{r['img_per_s_per_core']:>12.0f}{r['peak_anonymous_mib']:>14.0f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"benchmark": "convert_throughput", "date": date.today().isoformat(),
-                                    "cores": cores, "rows": rows}, indent=1) + "\n")
-    print(f"\nwrote {args.out}")
+    print_table(f"LSUN-format LMDB (256 px shorter side) -> 64x64 PNG shards, {cores} cores",
+                [("input", "input", "<6"), ("images", "images", "d"), ("workers", "workers", "d"),
+                 ("img/s", "img_per_s", ".0f"), ("img/s/core", "img_per_s_per_core", ".0f"),
+                 ("peak anon MiB", "peak_anonymous_mib", ".0f")], rows)
+    write_result(args.out, "convert_throughput", rows=rows)
 
 
 if __name__ == "__main__":

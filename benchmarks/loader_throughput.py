@@ -16,7 +16,6 @@ import os
 import subprocess
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 import lmdb
@@ -27,6 +26,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.report import print_table, write_result  # noqa: E402
 from data_shards.loaders import open_loader  # noqa: E402
 
 
@@ -92,7 +92,8 @@ def main() -> None:
         if not (shards / "manifest.json").is_file():
             subprocess.run([sys.executable, "-m", "cluster.cli", "data", "convert", "--source", "lsun", "--input",
                             str(source), "--out", str(shards), "--resolution", "64", "--encoding", encoding,
-                            "--quiet"], cwd=ROOT, check=True)
+                            "--shard-size", str(max(1, min(5000, args.images // (2 * args.workers)))), "--quiet"],
+                           cwd=ROOT, check=True)
         manifest = json.loads((shards / "manifest.json").read_text())
         size = sum(s["bytes"] for s in manifest["shards"]) / manifest["total"]
         for kind in ("webdataset", "dali"):
@@ -103,17 +104,11 @@ def main() -> None:
                          "img_per_s": rate})
     for row in rows:
         row["vs_lmdb"] = row["img_per_s"] / baseline
-    print(f"\n{args.images} LSUN-format images -> float 3x64x64 batches of {args.batch}, "
-          f"{args.workers} worker(s)/thread(s), CPU\n")
-    print(f"{'method':<48}{'stored as':<12}{'bytes/img':>10}{'img/s':>10}{'vs LMDB':>9}")
-    for r in rows:
-        print(f"{r['method']:<48}{r['encoding']:<12}{r['bytes_per_image']:>10.0f}{r['img_per_s']:>10.0f}"
-              f"{r['vs_lmdb']:>8.1f}x")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"benchmark": "loader_throughput", "date": date.today().isoformat(),
-                                    "settings": {k: str(v) for k, v in vars(args).items()}, "rows": rows},
-                                   indent=1) + "\n")
-    print(f"\nwrote {args.out}")
+    print_table(f"{args.images} LSUN-format images -> float 3x64x64 batches of {args.batch}, "
+                f"{args.workers} worker(s)/thread(s), CPU",
+                [("method", "method", "<46"), ("stored as", "encoding", "<10"), ("bytes/img", "bytes_per_image", ".0f"),
+                 ("img/s", "img_per_s", ".0f"), ("vs LMDB", "vs_lmdb", ".1f")], rows)
+    write_result(args.out, "loader_throughput", settings={k: str(v) for k, v in vars(args).items()}, rows=rows)
 
 
 if __name__ == "__main__":

@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from datetime import date
 from pathlib import Path
 
 import torch
@@ -28,6 +25,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.report import print_table, write_result  # noqa: E402
 from trainer.config import Config  # noqa: E402
 from trainer.distributed import init_distributed  # noqa: E402
 from trainer.engines import build_engines  # noqa: E402
@@ -79,16 +77,6 @@ def our_step(cfg: Config, ctx, precision_name: str) -> Callable[[torch.Tensor], 
     return lambda real: step_fn(real, next(counter))
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--resolution", type=int, default=64)
@@ -133,29 +121,21 @@ def main() -> None:
 
     median = {name: statistics.median(r) for name, r in rates.items()}
     base_fp32, base_bf16 = median["plain PyTorch fp32"], median["plain PyTorch bf16 autocast"]
-    print(f"\n{args.resolution}x{args.resolution}x{args.channels}, ngf=ndf={args.width}, batch {args.batch}, "
-          f"{torch.get_num_threads()} threads, {ctx.device}, median of {args.rounds} rounds\n")
-    print(f"{'method':<30}{'img/s':>10}{'vs plain fp32':>16}{'vs plain bf16':>16}")
-    for name, value in median.items():
-        print(f"{name:<30}{value:>10.1f}{value / base_fp32:>15.2f}x{value / base_bf16:>15.2f}x")
-    result = {
-        "benchmark": "train_throughput",
-        "date": date.today().isoformat(),
-        "machine": {"platform": platform.platform(), "processor": cpu_model(),
-                    "threads": torch.get_num_threads(), "device": str(ctx.device),
-                    "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
-        "settings": vars(args) | {"out": str(args.out.name)},
-        "img_per_s_median": median,
-        "img_per_s_rounds": rates,
-        "ratios": {
-            "ours_bf16_vs_plain_fp32": median["dcgan-scale bf16"] / base_fp32,
-            "ours_bf16_vs_plain_bf16": median["dcgan-scale bf16"] / base_bf16,
-            "ours_fp32_vs_plain_fp32": median["dcgan-scale fp32"] / base_fp32,
-        },
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"\nwrote {args.out}")
+    rows = [{"method": name, "img_per_s": v, "vs_plain_fp32": v / base_fp32, "vs_plain_bf16": v / base_bf16}
+            for name, v in median.items()]
+    print_table(f"{args.resolution}x{args.resolution}x{args.channels}, ngf=ndf={args.width}, batch {args.batch}, "
+                f"{torch.get_num_threads()} threads, {ctx.device}, median of {args.rounds} rounds",
+                [("method", "method", "<30"), ("img/s", "img_per_s", ".1f"),
+                 ("vs plain fp32", "vs_plain_fp32", ".2f"), ("vs plain bf16", "vs_plain_bf16", ".2f")], rows)
+    write_result(
+        args.out, "train_throughput",
+        device={"threads": torch.get_num_threads(), "device": str(ctx.device),
+                "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+        settings=vars(args) | {"out": str(args.out.name)},
+        img_per_s_median=median, img_per_s_rounds=rates,
+        ratios={"ours_bf16_vs_plain_fp32": median["dcgan-scale bf16"] / base_fp32,
+                "ours_bf16_vs_plain_bf16": median["dcgan-scale bf16"] / base_bf16,
+                "ours_fp32_vs_plain_fp32": median["dcgan-scale fp32"] / base_fp32})
 
 
 if __name__ == "__main__":

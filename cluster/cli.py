@@ -52,15 +52,24 @@ def cmd_train(args: argparse.Namespace) -> int:
                "-m", "cluster.cli", *argv]
         return subprocess.call(cmd)
 
-    from trainer.config import load_config
+    from trainer.config import ConfigError, load_config
 
     cfg = load_config(args.config, args.set)
     _quiet_deepspeed()
+    from trainer.checkpoint import list_checkpoints
     from trainer.loop import Trainer
 
+    earlier = list_checkpoints(Path(cfg.logging.run_dir) / "checkpoints")
+    resume = args.resume
+    if resume == "auto":
+        resume = cfg.logging.run_dir if earlier else None
+    elif earlier and not resume:
+        raise ConfigError(f"{cfg.logging.run_dir} already holds checkpoints of an earlier run (newest: "
+                          f"{earlier[-1].name}); continue it with --resume {cfg.logging.run_dir} (or --resume auto), "
+                          "or set logging.run_dir to a new folder")
     trainer = Trainer(cfg)
-    if args.resume:
-        trainer.resume(args.resume)
+    if resume:
+        trainer.resume(resume)
     state = trainer.fit()
     if trainer.ctx.is_main:
         print(f"done: {state.step} steps, run folder {cfg.logging.run_dir}")
@@ -137,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", type=Path, help="TOML preset, e.g. configs/fashion-mnist-32.toml")
     train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override one config value (repeatable), e.g. --set optim.lr=1e-4")
-    train.add_argument("--resume", metavar="PATH", help="a run folder or one checkpoint folder to continue from")
+    train.add_argument("--resume", metavar="PATH", help="a run folder or one checkpoint folder to continue from; "
+                                                        "'auto': the run folder's newest checkpoint, if any")
     train.add_argument("--nproc", type=int, default=1, help="ranks on this machine (launched with torchrun)")
     train.set_defaults(func=cmd_train)
 

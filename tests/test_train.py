@@ -120,6 +120,18 @@ def test_unknown_key_and_missing_shards_are_one_line_errors(tmp_path):
     assert "Traceback" not in res.stderr
 
 
+def test_an_earlier_run_is_never_overwritten(fashion_shards, trained_run, tmp_path):
+    run = tmp_path / "again"
+    shutil.copytree(trained_run, run)
+    res = run_dcgan(*tiny_train_args(fashion_shards, run, "optim.max_steps=30", "precision.dtype=fp32"))
+    assert res.returncode == 2 and "already holds checkpoints of an earlier run" in res.stderr
+    # --resume auto continues it; a finished run has nothing left to do
+    res = run_dcgan(*tiny_train_args(fashion_shards, run, "optim.max_steps=30", "precision.dtype=fp32"),
+                    "--resume", "auto")
+    assert res.returncode == 0 and "done: 30 steps" in res.stdout
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step-00000020", "step-00000030"]
+
+
 def test_bad_resume_path(fashion_shards, tmp_path):
     res = run_dcgan(*tiny_train_args(fashion_shards, tmp_path / "r", "optim.max_steps=2"),
                     "--resume", str(tmp_path / "missing"))
