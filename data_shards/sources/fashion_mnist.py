@@ -39,13 +39,6 @@ def load_split(root: str | Path = DEFAULT_DIR, split: str = "train") -> tuple[np
     return images, labels
 
 
-def iter_samples(root: str | Path = DEFAULT_DIR, split: str = "train") -> Iterator[tuple[str, np.ndarray, int]]:
-    """(stable key, grayscale image HxW uint8, class) in file order."""
-    images, labels = load_split(root, split)
-    for i in range(images.shape[0]):
-        yield f"{split}-{i:06d}", images[i], int(labels[i])
-
-
 class FashionMnist:
     kind = "fashion-mnist"
     classes = list(CLASSES)
@@ -61,6 +54,7 @@ class FashionMnist:
         return self._arrays
 
     def __getstate__(self) -> dict:
+        # a worker started by spawn reloads the files rather than receiving 47 MB of pickled arrays
         return {**self.__dict__, "_arrays": None}
 
     def describe(self) -> dict:
