@@ -20,7 +20,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -31,7 +30,7 @@ from trainer.distributed import init_distributed  # noqa: E402
 from trainer.engines import build_engines  # noqa: E402
 from trainer.models import build_models, sample_z  # noqa: E402
 from trainer.precision import Precision  # noqa: E402
-from trainer.step import GanStep  # noqa: E402
+from trainer.step import GanStep, bce  # noqa: E402
 
 
 def plain_pytorch_step(cfg: Config, dtype: torch.dtype | None, device: torch.device) -> Callable[[torch.Tensor], None]:
@@ -45,10 +44,6 @@ def plain_pytorch_step(cfg: Config, dtype: torch.dtype | None, device: torch.dev
 
     def autocast():
         return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-
-    def bce(logits, target):
-        logits = logits.float()
-        return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
 
     def step(real: torch.Tensor) -> None:
         z = sample_z(real.shape[0], cfg.model, noise, device)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from data_shards.manifest import ShardSetError, read_manifest
+from data_shards.manifest import ShardSetError, read_manifest_for
 from data_shards.transform import EXTENSIONS
 
 log = logging.getLogger(__name__)
@@ -76,10 +76,7 @@ class DaliLoader:
         except ImportError:
             raise ShardSetError("data.loader = 'dali' needs NVIDIA DALI: pip install 'dcgan-scale[dali]'") from None
         self.folder = Path(folder)
-        self.manifest = read_manifest(self.folder)
-        if self.manifest.transform.get("resolution") != resolution:
-            raise ShardSetError(f"shards in {self.folder} are {self.manifest.transform.get('resolution')} px, "
-                                f"the model wants {resolution}")
+        self.manifest = read_manifest_for(self.folder, resolution, channels)
         self.rank, self.world_size, self.batch_size, self.seed = rank, world_size, batch_size, seed
         self.shape = (resolution, resolution, channels)
         self.num_threads = max(num_workers, 1)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from data_shards.manifest import Manifest, ShardSetError, read_manifest
+from data_shards.manifest import Manifest, ShardSetError, read_manifest_for
 from data_shards.transform import EXTENSIONS, decode_stored
 
 
@@ -82,15 +82,7 @@ class ShardLoader:
                  channels: int, resolution: int, num_workers: int = 1, shuffle_buffer: int = 5000,
                  device: torch.device | str = "cpu"):
         self.folder = Path(folder)
-        self.manifest: Manifest = read_manifest(self.folder)
-        stored = self.manifest.transform.get("resolution")
-        if stored != resolution:
-            raise ShardSetError(f"shards in {self.folder} are {stored}x{stored}, the model wants "
-                                f"{resolution}x{resolution}; convert again with --resolution {resolution}")
-        stored_channels = self.manifest.transform.get("channels", channels)
-        if self.manifest.encoding == "raw" and stored_channels != channels:
-            raise ShardSetError(f"raw shards in {self.folder} have {stored_channels} channel(s), the model "
-                                f"wants {channels}; convert again with --channels {channels}")
+        self.manifest: Manifest = read_manifest_for(self.folder, resolution, channels)
         self.shape = (resolution, resolution, channels)
         self.extension = EXTENSIONS[self.manifest.encoding]
         self.device = torch.device(device)

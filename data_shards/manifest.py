@@ -97,3 +97,17 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_manifest_for(folder: str | Path, resolution: int, channels: int) -> Manifest:
+    """The manifest of a shard set that a model of this resolution and channel count can train on."""
+    manifest = read_manifest(folder)
+    stored = manifest.transform.get("resolution")
+    if stored != resolution:
+        raise ShardSetError(f"shards in {folder} are {stored}x{stored}, the model wants "
+                            f"{resolution}x{resolution}; convert again with --resolution {resolution}")
+    stored_channels = manifest.transform.get("channels", channels)
+    if manifest.encoding == "raw" and stored_channels != channels:
+        raise ShardSetError(f"raw shards in {folder} have {stored_channels} channel(s), the model "
+                            f"wants {channels}; convert again with --channels {channels}")
+    return manifest
