@@ -1,10 +1,15 @@
 # Set-up is idempotent: each target checks what it needs and installs only what is missing.
-PYTHON ?= python3
+# resolved before PATH (below) puts the venv first
+SYSTEM_PYTHON := $(shell command -v python3 || echo python3)
+PYTHON ?= $(SYSTEM_PYTHON)
 VENV   := .venv
 BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SHARDS := data/fashion-mnist-32
+# The venv's tools first: DeepSpeed JIT-builds its ops with whichever ninja PATH finds, and two
+# ninja versions would rebuild them for each other on every switch (~35 s each)
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: run test setup data bench lint clean
 
@@ -45,6 +50,7 @@ bench: setup  ## every benchmark; each prints a table and writes benchmarks/resu
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/convert_throughput.py
 	$(BIN)/python benchmarks/loader_throughput.py
+	$(BIN)/python benchmarks/ray_overhead.py
 
 lint: setup
 	$(BIN)/ruff check .

@@ -12,6 +12,7 @@ from pathlib import Path
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Failures caused by input (config, files, data) that deserve one line, not a traceback."""
+    from cluster.ray_launch import ClusterError
     from data_shards.convert import ConversionError
     from data_shards.idx import IdxError
     from data_shards.manifest import ShardSetError
@@ -22,7 +23,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from trainer.step import NonFiniteLoss
 
     return (ConfigError, ShardSetError, CheckpointError, DatasetMissing, IdxError, NonFiniteLoss, ConversionError,
-            SourceMissing)
+            SourceMissing, ClusterError)
 
 
 def _quiet_deepspeed() -> None:
@@ -38,24 +39,49 @@ def _quiet_deepspeed() -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    if args.nproc > 1 and "RANK" not in os.environ:
-        # Re-launch under torchrun: one process per rank on this machine.
-        argv, skip = [], False
-        for a in args.argv:
-            if skip or a.startswith("--nproc="):
-                skip = False
-                continue
-            skip = a == "--nproc"
-            if not skip:
-                argv.append(a)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-               "-m", "cluster.cli", *argv]
-        return subprocess.call(cmd)
+    if args.launcher == "ray" and args.nproc > 1:
+        raise _usage_error("--nproc counts torchrun ranks; with Ray (the default launcher) use --workers N")
+    in_launched_rank = "RANK" in os.environ  # started by torchrun, the deepspeed launcher or Ray
+    if args.launcher == "torchrun" and args.nproc > 1 and not in_launched_rank:
+        return _relaunch_under_torchrun(args)
 
-    from trainer.config import ConfigError, load_config
+    from trainer.config import load_config
 
-    cfg = load_config(args.config, args.set)
+    overrides = [*args.set, *([f"cluster.workers={args.workers}"] if args.workers else [])]
+    cfg = load_config(args.config, overrides)
     _quiet_deepspeed()
+    if args.launcher == "ray" and not in_launched_rank:
+        return _train_on_ray(cfg, args)
+    return _train_here(cfg, args)
+
+
+def _usage_error(text: str) -> Exception:
+    from trainer.config import ConfigError
+
+    return ConfigError(text)
+
+
+def _relaunch_under_torchrun(args: argparse.Namespace) -> int:
+    argv, skip = [], False
+    for a in args.argv:
+        if skip or a.startswith("--nproc="):
+            skip = False
+            continue
+        skip = a == "--nproc"
+        if not skip:
+            argv.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+           "-m", "cluster.cli", *argv]
+    return subprocess.call(cmd)
+
+
+def _earlier_run_error(run_dir: str, newest: str) -> Exception:
+    return _usage_error(f"{run_dir} already holds checkpoints of an earlier run (newest: {newest}); continue it "
+                        f"with --resume {run_dir} (or --resume auto), or set logging.run_dir to a new folder")
+
+
+def _train_here(cfg, args: argparse.Namespace) -> int:
+    """This process is the rank (a single process, or one rank under torchrun / deepspeed)."""
     from trainer.checkpoint import list_checkpoints
     from trainer.loop import Trainer
 
@@ -64,15 +90,50 @@ def cmd_train(args: argparse.Namespace) -> int:
     if resume == "auto":
         resume = cfg.logging.run_dir if earlier else None
     elif earlier and not resume:
-        raise ConfigError(f"{cfg.logging.run_dir} already holds checkpoints of an earlier run (newest: "
-                          f"{earlier[-1].name}); continue it with --resume {cfg.logging.run_dir} (or --resume auto), "
-                          "or set logging.run_dir to a new folder")
+        raise _earlier_run_error(cfg.logging.run_dir, earlier[-1].name)
     trainer = Trainer(cfg)
     if resume:
         trainer.resume(resume)
     state = trainer.fit()
     if trainer.ctx.is_main:
         print(f"done: {state.step} steps, run folder {cfg.logging.run_dir}")
+    return 0
+
+
+def _train_on_ray(cfg, args: argparse.Namespace) -> int:
+    """A Ray Train worker group does the training; this process only drives it."""
+    from cluster.ray_launch import (
+        CHECKPOINTS,
+        check_reachable,
+        has_run_snapshot,
+        resolve_paths,
+        storage_root,
+        train_on_ray,
+    )
+    from trainer.checkpoint import list_checkpoints, resolve_checkpoint
+
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        check_reachable(address)  # first: the other checks are useless if there is no cluster
+    resolve_paths(cfg)
+    root = storage_root(cfg)
+    snapshot = has_run_snapshot(cfg)
+    local = [] if "://" in root else list_checkpoints(Path(root) / CHECKPOINTS)
+    resume = args.resume
+    if resume and resume != "auto":
+        wanted = resolve_checkpoint(resume).resolve()
+        if snapshot and (not local or wanted != local[-1].resolve()):
+            raise _usage_error(f"Ray continues {cfg.logging.run_dir} from its newest checkpoint"
+                               f"{' (' + local[-1].name + ')' if local else ''}; to start from {wanted}, set "
+                               "logging.run_dir to a new folder and keep --resume")
+        resume = None if snapshot else str(wanted)
+    elif resume == "auto":
+        resume = None if snapshot or not local else str(local[-1])  # Ray's own snapshot restores the rest
+    elif snapshot or local:
+        raise _earlier_run_error(cfg.logging.run_dir, local[-1].name if local else "recorded by Ray")
+    continues = local[-1] if snapshot and local else None
+    metrics = train_on_ray(cfg, resume, address, continues)
+    print(f"done: {metrics.get('step')} steps, run folder {cfg.logging.run_dir}")
     return 0
 
 
@@ -148,7 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override one config value (repeatable), e.g. --set optim.lr=1e-4")
     train.add_argument("--resume", metavar="PATH", help="a run folder or one checkpoint folder to continue from; "
                                                         "'auto': the run folder's newest checkpoint, if any")
-    train.add_argument("--nproc", type=int, default=1, help="ranks on this machine (launched with torchrun)")
+    train.add_argument("--launcher", choices=["ray", "torchrun"], default="ray",
+                       help="ray (default): a Ray Train worker group, on a local Ray or the cluster at --address; "
+                            "torchrun: --nproc ranks on this machine (1: in this process)")
+    train.add_argument("--workers", type=int, default=0, help="Ray workers (same as --set cluster.workers=N; "
+                                                               "default: one per GPU, or one per node on CPUs)")
+    train.add_argument("--address", help="Ray cluster to join, HEAD:6379 (default: RAY_ADDRESS, else a local Ray)")
+    train.add_argument("--nproc", type=int, default=1, help="torchrun ranks on this machine")
     train.set_defaults(func=cmd_train)
 
     sample = sub.add_parser("sample", help="a grid of samples from a checkpoint's generator")

@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# this interpreter's tools first, for every subprocess (dcgan, ray, torchrun), as `make test` sets it:
+# DeepSpeed JIT-builds with the first ninja on PATH and rebuilds whenever that changes
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 # Tiny nets and batches: the tests check behaviour, the benchmarks measure speed.
 TINY = ["model.ngf=8", "model.ndf=8", "optim.batch_size=32", "data.shuffle_buffer=256",
@@ -54,8 +57,9 @@ def run_dcgan(*args: str, timeout: float = 300, env: dict | None = None) -> subp
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
-def tiny_train_args(shards: Path, run_dir: Path, *extra: str) -> list[str]:
-    args = ["train", "--config", str(ROOT / "configs" / "fashion-mnist-32.toml"),
+def tiny_train_args(shards: Path, run_dir: Path, *extra: str, launcher: str = "torchrun") -> list[str]:
+    """A short training on tiny nets; torchrun (this process, or --nproc ranks) unless told otherwise."""
+    args = ["train", "--launcher", launcher, "--config", str(ROOT / "configs" / "fashion-mnist-32.toml"),
             "--set", f"data.shards={shards}", "--set", f"logging.run_dir={run_dir}"]
     for item in (*TINY, *extra):
         args += ["--set", item]

@@ -54,8 +54,16 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir()
-                  if p.is_dir() and p.name.startswith(PREFIX) and (p / META_NAME).is_file())
+    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and _is_complete(p))
+
+
+def _is_complete(checkpoint: Path) -> bool:
+    """trainer.json and every rank's file are there (a copy to storage may have been cut short)."""
+    try:
+        world_size = int(json.loads((checkpoint / META_NAME).read_text())["world_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return all(_rank_file(checkpoint, r).is_file() for r in range(world_size))
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -69,7 +77,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
         found = list_checkpoints(folder)
         if found:
             return found[-1]
-    raise CheckpointError(f"no complete checkpoint (a {PREFIX}* folder with {META_NAME}) in {path}")
+    raise CheckpointError(f"no complete checkpoint (a {PREFIX}* folder with {META_NAME} and every rank's file) "
+                          f"in {path}")
 
 
 def read_meta(checkpoint: str | Path) -> dict[str, Any]:
@@ -80,36 +89,34 @@ def read_meta(checkpoint: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"unreadable {path}: {e}") from None
 
 
-class Checkpointer:
-    def __init__(self, folder: str | Path, ctx: DistContext, keep_last: int, config: dict[str, Any]):
-        self.folder, self.ctx, self.keep_last, self.config = Path(folder), ctx, keep_last, config
+def checkpoint_name(step: int) -> str:
+    return f"{PREFIX}{step:08d}"
+
+
+def write_checkpoint_parts(folder: Path, state: TrainState, engines: GanEngines, rank_state: dict[str, Any],
+                           ctx: DistContext, config: dict[str, Any]) -> None:
+    """This rank's share of a checkpoint: its engine parts and rank file; rank 0 adds trainer.json.
+
+    Collective: every rank calls it, each with a folder it can write (shared or its own).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    for tag, engine in engines.items():
+        engine.save_checkpoint(str(folder), tag=tag, save_latest=False)
+    torch.save(rank_state, _rank_file(folder, ctx.rank))
+    if ctx.is_main:
+        meta = {**asdict(state), "world_size": ctx.world_size, "config": config}
+        (folder / META_NAME).write_text(json.dumps(meta, indent=1))
+
+
+class CheckpointStore:
+    """Where a run's checkpoints go. Subclasses decide how `save` writes; loading is shared."""
+
+    def __init__(self, ctx: DistContext, config: dict[str, Any]):
+        self.ctx, self.config = ctx, config
         self.last_saved_step: int | None = None
 
-    def save(self, state: TrainState, engines: GanEngines, rank_state: dict[str, Any]) -> Path:
-        name = f"{PREFIX}{state.step:08d}"
-        final, tmp = self.folder / name, self.folder / f".tmp-{name}"
-        if self.ctx.is_main:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            for stale in self.folder.glob(".tmp-*"):
-                shutil.rmtree(stale, ignore_errors=True)
-            tmp.mkdir()
-        barrier()
-        for tag, engine in engines.items():
-            engine.save_checkpoint(str(tmp), tag=tag, save_latest=False)
-        torch.save(rank_state, _rank_file(tmp, self.ctx.rank))
-        barrier()
-        if self.ctx.is_main:
-            meta = {**asdict(state), "world_size": self.ctx.world_size, "config": self.config}
-            (tmp / META_NAME).write_text(json.dumps(meta, indent=1))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(self.folder)
-            for old in list_checkpoints(self.folder)[:-self.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-        barrier()
-        self.last_saved_step = state.step
-        return final
+    def save(self, state: TrainState, engines: GanEngines, rank_state: dict[str, Any]) -> Path | None:
+        raise NotImplementedError
 
     def load(self, path: str | Path, engines: GanEngines) -> tuple[TrainState, dict[str, Any]]:
         checkpoint = resolve_checkpoint(path)
@@ -125,6 +132,36 @@ class Checkpointer:
         state = TrainState(**{k: meta[k] for k in TrainState.__dataclass_fields__})
         self.last_saved_step = state.step
         return state, rank_state
+
+
+class Checkpointer(CheckpointStore):
+    """Checkpoints in one folder that every rank can write (one machine, or shared storage)."""
+
+    def __init__(self, folder: str | Path, ctx: DistContext, keep_last: int, config: dict[str, Any]):
+        super().__init__(ctx, config)
+        self.folder, self.keep_last = Path(folder), keep_last
+
+    def save(self, state: TrainState, engines: GanEngines, rank_state: dict[str, Any]) -> Path | None:
+        name = checkpoint_name(state.step)
+        final, tmp = self.folder / name, self.folder / f".tmp-{name}"
+        if self.ctx.is_main:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            for stale in self.folder.glob(".tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+        barrier()
+        write_checkpoint_parts(tmp, state, engines, rank_state, self.ctx, self.config)
+        barrier()
+        if self.ctx.is_main:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.folder)
+            for old in list_checkpoints(self.folder)[:-self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        barrier()
+        self.last_saved_step = state.step
+        return final
 
 
 def load_generator_weights(checkpoint: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

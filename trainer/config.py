@@ -70,6 +70,17 @@ class LoggingConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """Where the ranks run when training goes through Ray (the trainer itself never reads this)."""
+
+    workers: int = 0  # 0: one per GPU in the cluster; on CPU-only clusters one per node
+    cpus_per_worker: float = 0.0  # 0: the node's CPUs shared evenly by its workers
+    gpus_per_worker: float = -1.0  # -1: 1 if the cluster has GPUs, else 0
+    max_failures: int = 3  # worker-group restarts from the newest checkpoint before giving up
+    storage_path: str = ""  # "": the run folder; or shared storage, e.g. /mnt/nfs/runs/x or s3://bucket/runs/x
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -77,6 +88,7 @@ class Config:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -107,6 +119,10 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "checkpoint.on_nonfinite": (lambda v: v in ("stop", "skip"), "'stop' or 'skip'"),
     "logging.log_every": (lambda v: v >= 1, ">= 1"),
     "logging.sample_every": (lambda v: v >= 1, ">= 1"),
+    "cluster.workers": (lambda v: v >= 0, ">= 0 (0: automatic)"),
+    "cluster.cpus_per_worker": (lambda v: v >= 0, ">= 0 (0: automatic)"),
+    "cluster.gpus_per_worker": (lambda v: v == -1 or v >= 0, ">= 0, or -1 for automatic"),
+    "cluster.max_failures": (lambda v: v >= -1, ">= 0, or -1 for unlimited restarts"),
 }
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from data_shards.loaders import open_loader
 from data_shards.manifest import ShardSetError
-from trainer.checkpoint import Checkpointer, TrainState
+from trainer.checkpoint import Checkpointer, CheckpointStore, TrainState
 from trainer.config import Config, to_toml
 from trainer.distributed import DistContext, average_batchnorm_stats, barrier, init_distributed
 from trainer.engines import GanEngines, build_engines
@@ -19,9 +20,17 @@ from trainer.precision import Precision
 from trainer.sampling import generate, save_grid
 from trainer.step import GanStep, NonFiniteLoss
 
+StepHook = Callable[["Trainer"], None]
+
 
 class Trainer:
-    def __init__(self, cfg: Config, ctx: DistContext | None = None):
+    """Owns the engines, the loader and the run folder; `fit` runs the loop.
+
+    `checkpointer` decides where checkpoints go (default: the run folder's checkpoints/, which
+    every rank can write); `step_hooks` run after every step, e.g. a launcher's fault injection.
+    """
+
+    def __init__(self, cfg: Config, ctx: DistContext | None = None, checkpointer: CheckpointStore | None = None):
         self.cfg = cfg
         self.ctx = ctx or init_distributed()
         torch.set_float32_matmul_precision("high")
@@ -44,8 +53,9 @@ class Trainer:
                                                  cfg, self.ctx.world_size, self.precision)
         self.noise = torch.Generator().manual_seed(cfg.optim.seed * 100_003 + 1 + self.ctx.rank)
         self.fixed_z = sample_z(64, cfg.model, torch.Generator().manual_seed(cfg.optim.seed), self.ctx.device)
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", self.ctx, cfg.checkpoint.keep_last,
-                                         cfg.to_dict())
+        self.checkpointer = checkpointer or Checkpointer(self.run_dir / "checkpoints", self.ctx,
+                                                         cfg.checkpoint.keep_last, cfg.to_dict())
+        self.step_hooks: list[StepHook] = []
         self.state = TrainState()
         self.step_fn = GanStep(self.engines, self.precision, cfg.model, self.ctx, self.noise,
                                cfg.checkpoint.on_nonfinite)
@@ -99,13 +109,15 @@ class Trainer:
         else:
             meter.add(stats, cfg.optim.batch_size, waited)
         if step % cfg.logging.log_every == 0 and meter.steps:
-            log.write({"step": step, "epoch": self.state.epoch, **meter.summary(),
+            log.write({"step": step, "epoch": self.state.epoch, "time": time.time(), **meter.summary(),
                        "skipped_samples": self.loader.skipped})
             meter.reset()
         if step % cfg.logging.sample_every == 0:
             self.save_samples()
         if step % cfg.checkpoint.every_steps == 0:
             self.save_checkpoint()
+        for hook in self.step_hooks:
+            hook(self)
 
     # --- the loop ----------------------------------------------------------------------------------
     def fit(self) -> TrainState:
@@ -131,7 +143,7 @@ class Trainer:
                     state.step_in_epoch = 0
         except NonFiniteLoss as e:
             last = self.checkpointer.last_saved_step
-            where = f"step {last} in {self.run_dir / 'checkpoints'}" if last is not None else "none"
+            where = f"step {last}" if last is not None else "none"
             raise NonFiniteLoss(f"{e}; stopped, last good checkpoint: {where}") from None
         finally:
             log.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -41,13 +42,23 @@ class StepMeter:
         return out
 
 
+LINE_EVERY_S = 10.0  # progress lines, when not on a terminal: at most one per this many seconds
+
+
 class MetricsLog:
-    """metrics.jsonl (one JSON object per line) and the progress bar; a no-op off rank 0."""
+    """metrics.jsonl (one JSON object per line) and progress; a no-op off rank 0.
+
+    Progress is a bar on a terminal and one line per log record otherwise (a launcher's
+    captured output, a log file), where a bar's carriage returns would be noise.
+    """
 
     def __init__(self, path: Path, total_steps: int, start_step: int, enabled: bool, progress: bool):
         self.enabled = enabled
+        self.total_steps = total_steps
         self._file = open(path, "a") if enabled else None
-        self._bar = tqdm(total=total_steps, initial=start_step, disable=not (enabled and progress),
+        self._lines = enabled and progress and not sys.stderr.isatty()
+        self._last_line = 0.0
+        self._bar = tqdm(total=total_steps, initial=start_step, disable=not (enabled and progress) or self._lines,
                          unit="step", dynamic_ncols=True, smoothing=0.1)
 
     def step(self) -> None:
@@ -58,6 +69,11 @@ class MetricsLog:
             return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        if self._lines and time.monotonic() - self._last_line >= LINE_EVERY_S:
+            self._last_line = time.monotonic()
+            print(f"step {record['step']}/{self.total_steps} epoch {record['epoch']}: "
+                  f"{record['img_per_s']:.0f} img/s, loss_d {record['loss_d']:.3f}, loss_g {record['loss_g']:.3f}",
+                  flush=True)
         self._bar.set_postfix(img_s=f"{record['img_per_s']:.0f}", loss_d=f"{record['loss_d']:.3f}",
                               loss_g=f"{record['loss_g']:.3f}", refresh=False)
 

@@ -1,0 +1,92 @@
+"""What Ray costs: launch-to-first-step latency and 1- vs 2-worker throughput, against torchrun.
+
+Every launcher runs the same `dcgan train` (the embedded Fashion-MNIST preset: the paper's
+DCGAN at 32x32, ngf = ndf = 64, bf16, global batch 128) for --steps steps, logging every step:
+
+- torchrun      `dcgan train --launcher torchrun --nproc N` (N = 1: the process itself trains)
+- ray           `dcgan train --workers N`: starts a local Ray, then the Ray Train worker group
+- ray job       the same command through `ray job submit` to a running head (its start not timed)
+
+Latency: from the launch to the first step's record in metrics.jsonl (records carry wall time).
+Throughput: images per second between the record after --warmup steps and the last one.
+
+    python benchmarks/ray_overhead.py [--steps 60] [--warmup 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.report import print_table, write_result  # noqa: E402
+from cluster.local_head import LocalRayHead  # noqa: E402
+
+
+def train_args(run_dir: Path, shards: str, steps: int, launcher: str, ranks: int) -> list[str]:
+    settings = [f"data.shards={shards}", f"logging.run_dir={run_dir}", f"optim.max_steps={steps}",
+                "logging.log_every=1", "logging.progress=false", f"checkpoint.every_steps={steps}",
+                "logging.sample_every=100000"]
+    args = ["train", "--config", str(ROOT / "configs" / "fashion-mnist-32.toml"), "--launcher", launcher]
+    args += ["--nproc", str(ranks)] if launcher == "torchrun" else ["--workers", str(ranks)]
+    for item in settings:
+        args += ["--set", item]
+    return args
+
+
+def measure(run_dir: Path, launched: float, warmup: int, batch: int) -> dict:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    first, start, end = records[0], records[warmup], records[-1]
+    return {"first_step_s": first["time"] - launched,
+            "img_per_s": (end["step"] - start["step"]) * batch / (end["time"] - start["time"])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shards", default=str(ROOT / "data" / "fashion-mnist-32"))
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "ray_overhead.json")
+    args = parser.parse_args()
+    if not (Path(args.shards) / "manifest.json").is_file():
+        sys.exit(f"{args.shards}: no shard set; run `make data` first")
+
+    plans = [("torchrun", 1), ("ray", 1), ("torchrun", 2), ("ray", 2), ("ray job", 2)]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="ray-overhead-") as tmp, LocalRayHead() as head:
+        for launcher, ranks in plans:
+            run_dir = Path(tmp) / f"{launcher.replace(' ', '-')}-{ranks}"
+            cli = train_args(run_dir, args.shards, args.steps, "ray" if launcher == "ray job" else launcher, ranks)
+            if launcher == "ray job":
+                cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", head.dashboard_url,
+                       "--runtime-env", "cluster/examples/runtime_env.yaml", "--", "dcgan", *cli]
+                env = head.env
+            else:
+                cmd, env = [sys.executable, "-m", "cluster.cli", *cli], None
+            launched = time.time()
+            done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+            if done.returncode:
+                sys.exit(f"{launcher} x{ranks} failed:\n{(done.stdout + done.stderr)[-3000:]}")
+            rows.append({"launcher": launcher, "ranks": ranks, "wall_s": time.time() - launched,
+                         **measure(run_dir, launched, args.warmup, 128)})
+            print(f"{launcher} x{ranks}: {rows[-1]}", flush=True)
+    base = {r["ranks"]: r for r in rows if r["launcher"] == "torchrun"}
+    for r in rows:
+        r["vs_torchrun"] = r["img_per_s"] / base[r["ranks"]]["img_per_s"]
+        r["extra_latency_s"] = r["first_step_s"] - base[r["ranks"]]["first_step_s"]
+    print_table(f"dcgan train, {args.steps} steps, batch 128, 32x32 bf16: launcher cost",
+                [("launcher", "launcher", "<9"), ("ranks", "ranks", ">5"), ("first step (s)", "first_step_s", ">14.1f"),
+                 ("+ vs torchrun (s)", "extra_latency_s", ">17.1f"), ("img/s", "img_per_s", ">7.0f"),
+                 ("x torchrun", "vs_torchrun", ">10.2f"), ("wall (s)", "wall_s", ">8.1f")], rows)
+    write_result(args.out, "ray_overhead", steps=args.steps, warmup=args.warmup, rows=rows)
+
+
+if __name__ == "__main__":
+    main()

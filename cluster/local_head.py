@@ -1,0 +1,96 @@
+"""A Ray head on this machine's loopback, as `ray start --head` makes one, that stops cleanly.
+
+For trying `ray job submit` on one machine, and for the tests and benchmarks that submit jobs.
+Every port is a free one (several heads can run side by side), authentication uses a fresh
+token, and stopping ends every process the head started, by PID: `ray stop` would end every
+Ray process of the machine, including other users' clusters.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+from trainer.distributed import free_port
+
+RAY = Path(sys.executable).parent / "ray"
+
+
+class LocalRayHead:
+    def __init__(self, num_cpus: int | None = None):
+        self.num_cpus = num_cpus or os.cpu_count() or 1
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        self.gcs_address = f"127.0.0.1:{self.gcs_port}"
+        self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
+        self.env = {**os.environ, "PATH": f"{RAY.parent}{os.pathsep}{os.environ.get('PATH', '')}",
+                    "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+                    "RAY_USAGE_STATS_ENABLED": "0"}
+        self.env.pop("RAY_ADDRESS", None)
+        self._process: subprocess.Popen | None = None
+        self._started: dict[int, psutil.Process] = {}  # psutil refuses to signal a reused PID
+        self._temp_dir = ""
+
+    def start(self, timeout_s: float = 90) -> LocalRayHead:
+        # short: Ray's socket paths under it must fit in 107 bytes
+        self._temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+        self._process = subprocess.Popen(
+            [str(RAY), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(self.gcs_port),
+             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
+             "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
+             "--num-cpus", str(self.num_cpus), "--disable-usage-stats", "--temp-dir", self._temp_dir],
+            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while self.ray("job", "list", check=False).returncode != 0:
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                error = self._process.stderr.read() if self._process.poll() is not None else "timed out"
+                self.stop()
+                raise RuntimeError(f"the local Ray head did not start: {error.strip()[-500:]}")
+            time.sleep(1)
+        self._remember_children()
+        return self
+
+    def ray(self, *args: str, check: bool = True, timeout: float | None = None,
+            cwd: str | Path | None = None) -> subprocess.CompletedProcess:
+        """The `ray` CLI against this head (job commands get --address)."""
+        if args and args[0] == "job":
+            args = (*args[:2], "--address", self.dashboard_url, *args[2:])
+        return subprocess.run([str(RAY), *args], env=self.env, capture_output=True, text=True, timeout=timeout,
+                              cwd=cwd, check=check)
+
+    def _remember_children(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._started.update({p.pid: p for p in psutil.Process(self._process.pid).children(recursive=True)})
+
+    def stop(self) -> None:
+        if self._process is None:
+            return
+        self._remember_children()  # the workers and job drivers started since
+        if self._process.poll() is None:
+            self._process.send_signal(signal.SIGTERM)  # --block ends what it started, after a drain of up to 30 s
+            try:
+                self._process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        for process in self._started.values():
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self._process = None
+        shutil.rmtree(self._temp_dir, ignore_errors=True)
+
+    def __enter__(self) -> LocalRayHead:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

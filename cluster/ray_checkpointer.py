@@ -1,0 +1,34 @@
+"""Checkpoints through Ray Train: every rank stages its part locally, Ray merges them in storage.
+
+Ray copies each rank's staged folder into `storage_path/checkpoints/step-XXXXXXXX/` (a shared
+file system or an object store), registers the checkpoint only once every rank's copy has
+finished, keeps the newest `checkpoint.keep_last`, and hands the newest to restarted workers
+through `ray.train.get_checkpoint()`. Nodes therefore need no shared disk for checkpoints.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray.train
+
+from trainer.checkpoint import CheckpointStore, TrainState, checkpoint_name, write_checkpoint_parts
+from trainer.engines import GanEngines
+
+
+class RayCheckpointer(CheckpointStore):
+    def save(self, state: TrainState, engines: GanEngines, rank_state: dict[str, Any]) -> None:
+        name = checkpoint_name(state.step)
+        staging = Path(tempfile.mkdtemp(prefix="dcgan-checkpoint-"))
+        try:
+            write_checkpoint_parts(staging / name, state, engines, rank_state, self.ctx, self.config)
+            # a barrier across the workers: it returns once every rank's part is in storage
+            ray.train.report({"step": state.step, "epoch": state.epoch},
+                             checkpoint=ray.train.Checkpoint.from_directory(str(staging / name)),
+                             checkpoint_dir_name=name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.last_saved_step = state.step

@@ -1,0 +1,218 @@
+"""Training through Ray Train: join a cluster (or start a local one), size the worker group,
+run it with automatic restarts from the newest checkpoint.
+
+Storage: Ray persists checkpoints to `<root>/checkpoints/step-XXXXXXXX/`, where root is
+`cluster.storage_path` (NFS path or object-store URI) or else the run folder. Ray's run
+snapshot lives beside them, so starting the same run again continues from its newest
+checkpoint. Samples and metrics.jsonl are written by rank 0 into `logging.run_dir`; on a
+cluster that folder should be on shared storage too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from cluster.faults import InjectedFault
+from cluster.scaling import WorkerPlan, plan_workers, shortfall
+from trainer.config import Config, ConfigError
+
+CHECKPOINTS = "checkpoints"  # RunConfig.name: the folder under the storage root
+_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's reported checkpoints
+_GCS_PROBE = "/ray.rpc.NodeInfoGcsService/GetClusterId"  # cheap, and present in every Ray 2.x GCS
+
+
+# Ray Train routes print() in workers through its logger, which shows every progress line twice
+WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
+class ClusterError(RuntimeError):
+    """The Ray cluster cannot be reached, or the worker group failed for good."""
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def in_ray_job() -> bool:
+    """True in the entrypoint of `ray job submit`, whose working directory is a temporary copy."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+
+
+def resolve_paths(cfg: Config) -> None:
+    """Make local paths absolute: Ray workers run in other directories (and on other nodes)."""
+    for section, key in (("logging", "run_dir"), ("cluster", "storage_path"), ("data", "shards")):
+        value = getattr(getattr(cfg, section), key)
+        if not value or _is_uri(value) or Path(value).is_absolute():
+            continue
+        if in_ray_job() and key != "shards":
+            raise ConfigError(f"{section}.{key} = {value!r} is relative; a Ray job runs in a temporary copy of its "
+                              "working directory that Ray deletes, so give an absolute path on shared storage")
+        setattr(getattr(cfg, section), key, str(Path(value).resolve()))
+
+
+def storage_root(cfg: Config) -> str:
+    return cfg.cluster.storage_path or cfg.logging.run_dir
+
+
+def has_run_snapshot(cfg: Config) -> bool:
+    """Whether an earlier run reported checkpoints under this storage root."""
+    import pyarrow.fs
+
+    root = storage_root(cfg)
+    try:
+        fs, base = pyarrow.fs.FileSystem.from_uri(root if _is_uri(root) else Path(root).resolve().as_uri())
+        info = fs.get_file_info(f"{base.rstrip('/')}/{CHECKPOINTS}/{_SNAPSHOT}")
+    except (OSError, pyarrow.ArrowException) as e:
+        raise ClusterError(f"cannot read the storage path {root}: {e}") from None
+    return info.type != pyarrow.fs.FileType.NotFound
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, with the reason, where ray.init would retry for 20 s or more.
+
+    A TCP connect is not proof (proxies and load balancers accept anything), so this makes
+    one real call to the GCS; refusing it for want of a token still proves a Ray cluster.
+    """
+    import grpc
+
+    if address in ("auto", "local"):
+        return
+    if address.startswith(("http://", "https://")):
+        raise ClusterError(f"{address} is the dashboard's job address, for `ray job submit --address`; "
+                           "`dcgan train --address` takes the cluster's GCS address, HEAD:6379")
+    client = address.startswith("ray://")
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterError(f"Ray address {address!r} must be HOST:PORT (e.g. 10.0.0.1:6379)")
+    if client:  # Ray Client's proxy speaks another protocol; a connect is all we can check cheaply
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+            return
+        except OSError as e:
+            raise ClusterError(f"cannot reach Ray Client at {address}: {e.strerror or e}") from None
+    with grpc.insecure_channel(f"{host}:{port}") as channel:
+        get_cluster_id = channel.unary_unary(_GCS_PROBE, request_serializer=bytes, response_deserializer=bytes)
+        try:
+            get_cluster_id(b"", timeout=timeout_s)
+            return
+        except grpc.RpcError as e:
+            code = e.code()
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return
+    reason = {grpc.StatusCode.UNAVAILABLE: "nothing answers there",
+              grpc.StatusCode.DEADLINE_EXCEEDED: f"no answer within {timeout_s:g} s"}.get(
+        code, f"something answers, but it is not a Ray GCS ({code.name})")
+    raise ClusterError(f"cannot reach a Ray cluster at {address}: {reason} (is `ray start --head` running there, "
+                       "and is its port, 6379 by default, open?)")
+
+
+def connect(address: str | None) -> None:
+    """Join the cluster at `address` or RAY_ADDRESS; with neither, start a local Ray for this run."""
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    quiet: dict[str, Any] = dict(logging_level=logging.WARNING, log_to_driver=True)
+    if not in_ray_job():  # a job's runtime_env is fixed at submission (cluster/examples/runtime_env.yaml)
+        quiet["runtime_env"] = {"env_vars": WORKER_ENV}
+    if address:
+        check_reachable(address)
+        ray.init(address=address, **quiet)
+    else:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a private local instance reports nothing
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", **quiet)
+
+
+def plan_for_cluster(cfg: Config) -> WorkerPlan:
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    plan = plan_workers(cfg.cluster, nodes)
+    gap = shortfall(plan, nodes)
+    if gap:
+        print(f"dcgan: note: {gap}; Ray waits until the cluster (or its autoscaler) provides it", flush=True)
+    return plan
+
+
+def check_shards(cfg: Config, joins_cluster: bool) -> None:
+    """Input errors found here cost a second; found in the workers, each costs a restart.
+
+    On a cluster the shards may live only on the workers' disks; then the workers check them.
+    """
+    from data_shards.manifest import read_manifest_for
+
+    if joins_cluster and not Path(cfg.data.shards).exists():
+        print(f"dcgan: note: {cfg.data.shards} is not on this machine; the workers will read it", flush=True)
+        return
+    manifest = read_manifest_for(cfg.data.shards, cfg.model.resolution, cfg.model.channels)
+    if manifest.total < cfg.optim.batch_size:
+        raise ConfigError(f"{cfg.data.shards} holds {manifest.total} samples, fewer than one batch of "
+                          f"{cfg.optim.batch_size}")
+
+
+def check_worker_count(cfg: Config, plan: WorkerPlan, continues: str | Path | None) -> None:
+    from trainer.checkpoint import read_meta, resolve_checkpoint
+
+    if cfg.optim.batch_size % plan.workers:
+        raise ConfigError(f"optim.batch_size = {cfg.optim.batch_size} does not split evenly over "
+                          f"{plan.workers} workers")
+    if continues:
+        written_by = read_meta(resolve_checkpoint(continues)).get("world_size")
+        if written_by != plan.workers:
+            raise ConfigError(f"the checkpoint to continue from was written by {written_by} worker(s); "
+                              f"resume with --workers {written_by}, not {plan.workers}")
+
+
+def train_on_ray(cfg: Config, resume: str | None, address: str | None,
+                 continues: str | Path | None = None) -> dict[str, Any]:
+    """Run the whole training on a Ray worker group; returns rank 0's last reported metrics.
+
+    `resume`: a checkpoint for a new run to start from; `continues`: the checkpoint Ray's own
+    snapshot will restore (checked for a matching worker count only).
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from cluster.ray_worker import train_worker
+
+    resolve_paths(cfg)
+    check_shards(cfg, joins_cluster=bool(address or os.environ.get("RAY_ADDRESS")))
+    connect(address)
+    try:
+        plan = plan_for_cluster(cfg)
+        check_worker_count(cfg, plan, resume or continues)
+        print(f"dcgan: {plan.workers} Ray worker(s) x {plan.resources()}; checkpoints in "
+              f"{storage_root(cfg).rstrip('/')}/{CHECKPOINTS}", flush=True)
+        fault = InjectedFault.from_env()
+        job = {"config": cfg.to_dict(), "threads": plan.threads, "resume": resume,
+               "fault": asdict(fault) if fault else None}
+        trainer = TorchTrainer(
+            train_worker, train_loop_config=job,
+            scaling_config=ScalingConfig(num_workers=plan.workers, use_gpu=bool(plan.gpus_per_worker),
+                                         resources_per_worker=plan.resources()),
+            run_config=RunConfig(name=CHECKPOINTS, storage_path=storage_root(cfg),
+                                 failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
+                                 logging_config=LoggingConfig(log_level="WARNING")))
+        try:
+            result = trainer.fit()
+        except ray.train.TrainingFailedError as e:
+            raise ClusterError(f"training failed ({cfg.cluster.max_failures} restart(s) allowed): "
+                               f"{_first_worker_error(e)}") from None
+        return dict(result.metrics or {})
+    finally:
+        ray.shutdown()
+
+
+def _first_worker_error(error: Exception) -> str:
+    failures = getattr(error, "worker_failures", None) or {}
+    for rank in sorted(failures):
+        lines = [line for line in str(failures[rank]).strip().splitlines() if line.strip()]
+        if lines:
+            return f"rank {rank}: {lines[-1].strip()}"
+    return str(error).strip().splitlines()[-1]

@@ -1,0 +1,120 @@
+"""Training through Ray: a real head on this machine, `ray job submit`, a killed worker."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from conftest import ROOT, run_dcgan, tiny_train_args
+
+from cluster.local_head import LocalRayHead
+from cluster.ray_launch import ClusterError, check_reachable
+from cluster.scaling import WorkerPlan, plan_workers, shortfall
+from trainer.checkpoint import list_checkpoints, read_meta
+from trainer.config import ClusterConfig, ConfigError
+from trainer.distributed import free_port
+
+
+# --- sizing the worker group -------------------------------------------------------------------------
+def test_gpu_cluster_gets_one_worker_per_gpu_and_skips_a_cpu_only_head():
+    nodes = [{"CPU": 8.0}, {"CPU": 32.0, "GPU": 4.0}, {"CPU": 16.0, "GPU": 4.0}]
+    plan = plan_workers(ClusterConfig(), nodes)
+    assert plan == WorkerPlan(workers=8, cpus_per_worker=4.0, gpus_per_worker=1.0)
+    assert plan.resources() == {"CPU": 4.0, "GPU": 1.0} and plan.threads == 4
+
+
+def test_cpu_cluster_gets_one_worker_per_node_with_all_its_cores():
+    plan = plan_workers(ClusterConfig(), [{"CPU": 2.0}, {"CPU": 16.0}])
+    assert plan == WorkerPlan(workers=2, cpus_per_worker=2.0, gpus_per_worker=0.0)
+    assert plan.resources() == {"CPU": 2.0}
+    assert plan_workers(ClusterConfig(workers=2), [{"CPU": 2.0}]).cpus_per_worker == 1.0
+
+
+def test_explicit_sizes_win_and_a_shortfall_is_reported_not_refused():
+    plan = plan_workers(ClusterConfig(workers=16, cpus_per_worker=6, gpus_per_worker=1), [{"CPU": 8.0, "GPU": 8.0}])
+    assert plan == WorkerPlan(16, 6.0, 1.0)
+    assert shortfall(plan, [{"CPU": 8.0, "GPU": 8.0}]) == "16 workers x 6 CPU = 96 CPU, the cluster has 8"
+    assert shortfall(plan_workers(ClusterConfig(), [{"CPU": 4.0}]), [{"CPU": 4.0}]) is None
+    with pytest.raises(ConfigError, match="no node of the Ray cluster has 2 GPU"):
+        plan_workers(ClusterConfig(gpus_per_worker=2), [{"CPU": 8.0, "GPU": 1.0}])
+
+
+# --- addresses ------------------------------------------------------------------------------------------
+def test_unreachable_or_wrong_addresses_fail_in_seconds_with_the_reason():
+    port = free_port()
+    started = time.monotonic()
+    with pytest.raises(ClusterError, match=f"cannot reach a Ray cluster at 127.0.0.1:{port}: nothing answers"):
+        check_reachable(f"127.0.0.1:{port}")
+    with pytest.raises(ClusterError, match="dashboard's job address"):
+        check_reachable("http://127.0.0.1:8265")
+    with pytest.raises(ClusterError, match="must be HOST:PORT"):
+        check_reachable("headnode")
+    assert time.monotonic() - started < 15
+
+
+def test_train_with_an_unreachable_address_is_a_one_line_error(fashion_shards, tmp_path):
+    started = time.monotonic()
+    res = run_dcgan(*tiny_train_args(fashion_shards, tmp_path / "r", launcher="ray"), "--address",
+                    f"127.0.0.1:{free_port()}", timeout=60)
+    assert res.returncode == 2 and "dcgan: error: cannot reach a Ray cluster" in res.stderr
+    assert "Traceback" not in res.stderr and time.monotonic() - started < 30
+
+
+# --- a real Ray head on loopback ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ray_head():
+    with LocalRayHead(num_cpus=2) as head:
+        yield head
+
+
+def test_ray_job_submit_trains_two_workers_and_leaves_checkpoints_and_samples(ray_head, fashion_shards, tmp_path):
+    run = tmp_path / "job-run"
+    # the documented runtime environment: this checkout as the working dir, without .venv, data/, runs/
+    train = tiny_train_args(fashion_shards, run, "optim.max_steps=12", "checkpoint.every_steps=6", launcher="ray")
+    res = ray_head.ray("job", "submit", "--runtime-env", "cluster/examples/runtime_env.yaml", "--", "dcgan", *train,
+                       "--workers", "2", check=False, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "succeeded" in res.stdout + res.stderr and "done: 12 steps" in res.stdout
+    steps = [read_meta(c)["step"] for c in list_checkpoints(run / "checkpoints")]
+    assert steps == [6, 12]
+    newest = list_checkpoints(run / "checkpoints")[-1]
+    assert read_meta(newest)["world_size"] == 2
+    assert (newest / "rank-00000.pt").is_file() and (newest / "rank-00001.pt").is_file()
+    assert (run / "samples" / "step-00000012.png").is_file()
+    listing = ray_head.ray("job", "list", check=False)
+    assert listing.returncode == 0 and "SUCCEEDED" in listing.stdout
+
+
+def test_a_job_with_a_relative_run_folder_is_refused(ray_head, fashion_shards):
+    res = ray_head.ray("job", "submit", "--working-dir", ".", "--", "dcgan", "train", "--config",
+                       "configs/fashion-mnist-32.toml", "--set", f"data.shards={fashion_shards}", check=False,
+                       timeout=120, cwd=ROOT)
+    assert res.returncode != 0
+    assert "logging.run_dir = 'runs/fashion-mnist-32' is relative" in res.stdout + res.stderr
+
+
+def test_a_killed_worker_is_restarted_from_the_last_checkpoint_and_a_stopped_run_continues(fashion_shards,
+                                                                                           tmp_path):
+    """Embedded local Ray (no address), as the README's main job runs."""
+    run = tmp_path / "faulty"
+    args = tiny_train_args(fashion_shards, run, "optim.max_steps=16", "checkpoint.every_steps=5",
+                           "checkpoint.keep_last=2", "cluster.max_failures=1", launcher="ray")
+    fault = {"DCGAN_FAIL_AT_STEP": "8", "DCGAN_FAIL_RANK": "1", "DCGAN_FAIL_DELAY_S": "4"}
+    res = run_dcgan(*args, "--workers", "2", env=fault, timeout=400)
+    output = res.stdout + res.stderr
+    assert res.returncode == 0, output[-4000:]
+    assert "injected fault: rank 1 exits at step 8" in output and "resumed from step 5" in output
+    assert "done: 16 steps" in res.stdout
+    checkpoints = list_checkpoints(run / "checkpoints")
+    assert [read_meta(c)["step"] for c in checkpoints] == [15, 16]  # keep_last = 2 pruned 5 and 10
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 15 and {r["step"] for r in records} == {5, 10, 15}
+
+    # the user continues the finished run for 4 more steps: Ray restores its newest checkpoint
+    res = run_dcgan(*tiny_train_args(fashion_shards, run, "optim.max_steps=20", "checkpoint.every_steps=5",
+                                     "checkpoint.keep_last=2", launcher="ray"), "--workers", "2", "--resume",
+                    str(run), timeout=300)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    assert "resumed from step 16" in res.stdout + res.stderr and "done: 20 steps" in res.stdout
+    assert [read_meta(c)["step"] for c in list_checkpoints(run / "checkpoints")] == [16, 20]
