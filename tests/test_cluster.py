@@ -98,8 +98,10 @@ def test_a_killed_worker_is_restarted_from_the_last_checkpoint_and_a_stopped_run
                                                                                            tmp_path):
     """Embedded local Ray (no address), as the README's main job runs."""
     run = tmp_path / "faulty"
+    # ZeRO-2: each rank's optimiser partition reaches storage in its own upload and must load back
     args = tiny_train_args(fashion_shards, run, "optim.max_steps=16", "checkpoint.every_steps=5",
-                           "checkpoint.keep_last=2", "cluster.max_failures=1", launcher="ray")
+                           "checkpoint.keep_last=2", "cluster.max_failures=1", "precision.zero_stage=2",
+                           launcher="ray")
     fault = {"DCGAN_FAIL_AT_STEP": "8", "DCGAN_FAIL_RANK": "1", "DCGAN_FAIL_DELAY_S": "4"}
     res = run_dcgan(*args, "--workers", "2", env=fault, timeout=400)
     output = res.stdout + res.stderr
@@ -108,12 +110,14 @@ def test_a_killed_worker_is_restarted_from_the_last_checkpoint_and_a_stopped_run
     assert "done: 16 steps" in res.stdout
     checkpoints = list_checkpoints(run / "checkpoints")
     assert [read_meta(c)["step"] for c in checkpoints] == [15, 16]  # keep_last = 2 pruned 5 and 10
+    assert len(list((checkpoints[-1] / "generator").glob("zero_pp_rank_*_optim_states.pt"))) == 2
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 15 and {r["step"] for r in records} == {5, 10, 15}
 
     # the user continues the finished run for 4 more steps: Ray restores its newest checkpoint
     res = run_dcgan(*tiny_train_args(fashion_shards, run, "optim.max_steps=20", "checkpoint.every_steps=5",
-                                     "checkpoint.keep_last=2", launcher="ray"), "--workers", "2", "--resume",
+                                     "checkpoint.keep_last=2", "precision.zero_stage=2", launcher="ray"),
+                    "--workers", "2", "--resume",
                     str(run), timeout=300)
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     assert "resumed from step 16" in res.stdout + res.stderr and "done: 20 steps" in res.stdout
