@@ -7,11 +7,12 @@ BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SHARDS := data/fashion-mnist-32
+PROMETHEUS := $(VENV)/prometheus/usr/bin/prometheus
 # The venv's tools first: DeepSpeed JIT-builds its ops with whichever ninja PATH finds, and two
 # ninja versions would rebuild them for each other on every switch (~35 s each)
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: run test setup data bench lint clean
+.PHONY: run test setup data monitoring monitor bench lint clean
 
 run: setup data  ## set up, then train the embedded default (Fashion-MNIST 32x32); a second run continues the first
 	$(BIN)/dcgan train --config configs/fashion-mnist-32.toml --resume auto
@@ -19,9 +20,14 @@ run: setup data  ## set up, then train the embedded default (Fashion-MNIST 32x32
 test: setup  ## set up, then run the test suite
 	$(BIN)/python -m pytest -q tests
 
-setup: $(VENV)/.installed $(FASHION_MNIST)
+setup: $(VENV)/.installed $(FASHION_MNIST) $(PROMETHEUS)
 
 data: $(SHARDS)/manifest.json
+
+monitoring: $(PROMETHEUS)
+
+monitor: setup  ## a local Prometheus scraping the runs under runs/ (see README, Monitoring)
+	$(BIN)/dcgan monitor --config configs/fashion-mnist-32.toml
 
 $(VENV)/.installed: pyproject.toml
 	@command -v g++ >/dev/null || $(SUDO) apt-get install -y g++ || \
@@ -43,6 +49,14 @@ $(FASHION_MNIST):
 	  { echo "error: could not install dataset-fashion-mnist; run 'sudo apt-get install dataset-fashion-mnist'" \
 	         "or convert the IDX files yourself with 'dcgan data convert --input DIR'"; exit 1; }
 
+# Debian's Prometheus, unpacked into the venv: no service, no root, nothing outside the checkout
+$(PROMETHEUS): | $(VENV)/.installed
+	@command -v prometheus >/dev/null && { mkdir -p $(dir $@) && ln -sf "$$(command -v prometheus)" $@; } || \
+	{ cd $(VENV) && rm -f prometheus_*.deb && \
+	  { apt-get download prometheus 2>/dev/null || { $(SUDO) apt-get update && apt-get download prometheus; }; } && \
+	  dpkg-deb -x prometheus_*.deb prometheus && rm -f prometheus_*.deb; }
+	@test -x $@
+
 $(SHARDS)/manifest.json: $(VENV)/.installed $(FASHION_MNIST)
 	$(BIN)/dcgan data convert --source fashion-mnist --out $(SHARDS) --resolution 32
 
@@ -51,6 +65,7 @@ bench: setup  ## every benchmark; each prints a table and writes benchmarks/resu
 	$(BIN)/python benchmarks/convert_throughput.py
 	$(BIN)/python benchmarks/loader_throughput.py
 	$(BIN)/python benchmarks/ray_overhead.py
+	$(BIN)/python benchmarks/metrics_overhead.py
 
 lint: setup
 	$(BIN)/ruff check .

@@ -12,6 +12,7 @@ from pathlib import Path
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Failures caused by input (config, files, data) that deserve one line, not a traceback."""
+    from cluster.monitor import MonitorError
     from cluster.ray_launch import ClusterError
     from data_shards.convert import ConversionError
     from data_shards.idx import IdxError
@@ -23,7 +24,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from trainer.step import NonFiniteLoss
 
     return (ConfigError, ShardSetError, CheckpointError, DatasetMissing, IdxError, NonFiniteLoss, ConversionError,
-            SourceMissing, ClusterError)
+            SourceMissing, ClusterError, MonitorError)
 
 
 def _quiet_deepspeed() -> None:
@@ -197,6 +198,25 @@ def cmd_data_sample_lsun(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from cluster.monitor import start_prometheus, write_config
+    from trainer.config import load_config
+    from trainer.telemetry import targets_dir
+
+    cfg = load_config(args.config, args.set)
+    targets = targets_dir(cfg.metrics, cfg.logging.run_dir)
+    home = targets.parent / "prometheus"
+    config = write_config(home / "prometheus.yml", targets, args.scrape_interval)
+    process, url = start_prometheus(config, Path(args.data) if args.data else home / "data", args.host, args.port)
+    print(f"Prometheus at {url}, scraping every rank announced in {targets}; Ctrl-C stops it", flush=True)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        process.terminate()
+        process.wait()
+        return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dcgan", description=__doc__)
     # the deepspeed launcher passes --local_rank before the sub-command; LOCAL_RANK carries it too
@@ -225,6 +245,15 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--out", default="grid.png")
     sample.set_defaults(func=cmd_sample)
+
+    monitor = sub.add_parser("monitor", help="a local Prometheus scraping every rank of the runs beside run_dir")
+    monitor.add_argument("--config", type=Path, help="the training preset (for logging.run_dir, metrics.*)")
+    monitor.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    monitor.add_argument("--host", default="127.0.0.1", help="address Prometheus listens on")
+    monitor.add_argument("--port", type=int, default=9090, help="first port to try")
+    monitor.add_argument("--scrape-interval", default="5s")
+    monitor.add_argument("--data", help="Prometheus's storage (default: beside the runs, prometheus/data)")
+    monitor.set_defaults(func=cmd_monitor)
 
     data = sub.add_parser("data", help="build shard sets").add_subparsers(dest="data_command", required=True)
     conv = data.add_parser("convert", help="a source data set -> WebDataset shards + manifest")

@@ -35,6 +35,7 @@ class TrainState:
     epoch: int = 0
     step_in_epoch: int = 0  # batches of `epoch` already consumed
     skipped_steps: int = 0  # steps dropped for a non-finite loss (checkpoint.on_nonfinite = "skip")
+    restarts: int = 0  # times the run was resumed from a checkpoint
 
 
 def _rank_file(folder: Path, rank: int) -> Path:
@@ -129,7 +130,7 @@ class CheckpointStore:
             if loaded is None:
                 raise CheckpointError(f"{checkpoint}/{tag}: DeepSpeed found no checkpoint to load")
         rank_state = safe_load(_rank_file(checkpoint, self.ctx.rank))
-        state = TrainState(**{k: meta[k] for k in TrainState.__dataclass_fields__})
+        state = TrainState(**{k: meta[k] for k in TrainState.__dataclass_fields__ if k in meta})
         self.last_saved_step = state.step
         return state, rank_state
 

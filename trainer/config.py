@@ -70,6 +70,16 @@ class LoggingConfig:
 
 
 @dataclass
+class MetricsConfig:
+    """Prometheus metrics served by every rank (trainer/telemetry.py)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"  # bind address; on a cluster "0.0.0.0" (the node's address is announced)
+    port: int = 9520  # rank r serves on port + local rank, or the next free port above it
+    targets_dir: str = ""  # file_sd targets for Prometheus; "": <run_dir>/../prometheus-targets
+
+
+@dataclass
 class ClusterConfig:
     """Where the ranks run when training goes through Ray (the trainer itself never reads this)."""
 
@@ -88,6 +98,7 @@ class Config:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -119,6 +130,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "checkpoint.on_nonfinite": (lambda v: v in ("stop", "skip"), "'stop' or 'skip'"),
     "logging.log_every": (lambda v: v >= 1, ">= 1"),
     "logging.sample_every": (lambda v: v >= 1, ">= 1"),
+    "metrics.port": (lambda v: 1024 <= v <= 65535 - 100, "in [1024, 65435] (ranks take the ports above it)"),
     "cluster.workers": (lambda v: v >= 0, ">= 0 (0: automatic)"),
     "cluster.cpus_per_worker": (lambda v: v >= 0, ">= 0 (0: automatic)"),
     "cluster.gpus_per_worker": (lambda v: v == -1 or v >= 0, ">= 0, or -1 for automatic"),

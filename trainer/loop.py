@@ -19,6 +19,7 @@ from trainer.models import build_models, sample_z
 from trainer.precision import Precision
 from trainer.sampling import generate, save_grid
 from trainer.step import GanStep, NonFiniteLoss
+from trainer.telemetry import NoMetrics, open_metrics
 
 StepHook = Callable[["Trainer"], None]
 
@@ -56,6 +57,7 @@ class Trainer:
         self.checkpointer = checkpointer or Checkpointer(self.run_dir / "checkpoints", self.ctx,
                                                          cfg.checkpoint.keep_last, cfg.to_dict())
         self.step_hooks: list[StepHook] = []
+        self.metrics = NoMetrics()  # served while fit() runs
         self.state = TrainState()
         self.step_fn = GanStep(self.engines, self.precision, cfg.model, self.ctx, self.noise,
                                cfg.checkpoint.on_nonfinite)
@@ -77,6 +79,7 @@ class Trainer:
 
     def resume(self, path: str | Path) -> None:
         self.state, rank_state = self.checkpointer.load(path, self.engines)
+        self.state.restarts += 1
         self.noise.set_state(rank_state["noise_rng"])
         torch.set_rng_state(rank_state["torch_rng"])
         if "cuda_rng" in rank_state and torch.cuda.is_available():
@@ -87,8 +90,10 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         if self.checkpointer.last_saved_step != self.state.step:
+            started = time.perf_counter()
             self._sync_batchnorm()
             self.checkpointer.save(self.state, self.engines, self._rank_state())
+            self.metrics.on_checkpoint(time.perf_counter() - started)
 
     def save_samples(self) -> None:
         self._sync_batchnorm()
@@ -100,17 +105,30 @@ class Trainer:
         for _, engine in self.engines.items():
             average_batchnorm_stats(engine.module)
 
+    def _optimiser_state(self) -> tuple[dict[str, float], dict[str, float]]:
+        """Learning rate and loss scale per net ("g", "d"); the scale is 1 without fp16."""
+        lrs, scales = {}, {}
+        for tag, engine in self.engines.items():
+            lrs[tag[0]] = float(engine.get_lr()[0])
+            scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
+            scales[tag[0]] = float(scaler.get_scale()) if scaler is not None else 1.0
+        return lrs, scales
+
     def _after_step(self, stats: dict | None, waited: float, meter: StepMeter, log: MetricsLog) -> None:
         cfg, step = self.cfg, self.state.step
         log.step()
         if stats is None:
             self.state.skipped_steps += 1
+            self.metrics.on_skipped_step()
             log.message(f"step {step}: non-finite loss, step skipped")
         else:
             meter.add(stats, cfg.optim.batch_size, waited)
         if step % cfg.logging.log_every == 0 and meter.steps:
-            log.write({"step": step, "epoch": self.state.epoch, "time": time.time(), **meter.summary(),
+            summary = meter.summary()
+            log.write({"step": step, "epoch": self.state.epoch, "time": time.time(), **summary,
                        "skipped_samples": self.loader.skipped})
+            self.metrics.on_window(summary, step, self.state.epoch, self.state.restarts, self.loader.skipped,
+                                   *self._optimiser_state())
             meter.reset()
         if step % cfg.logging.sample_every == 0:
             self.save_samples()
@@ -122,32 +140,37 @@ class Trainer:
     # --- the loop ----------------------------------------------------------------------------------
     def fit(self) -> TrainState:
         cfg, state, total = self.cfg, self.state, self.total_steps
+        rank_batch = cfg.optim.batch_size // self.ctx.world_size
         log = MetricsLog(self.run_dir / "metrics.jsonl", total, state.step, self.ctx.is_main, cfg.logging.progress)
+        self.metrics = open_metrics(cfg.metrics, self.run_dir.name, self.ctx.rank, self.ctx.local_rank, self.run_dir)
         meter = StepMeter()
-        if state.step == 0:
-            self.save_samples()
         try:
+            if state.step == 0:
+                self.save_samples()
             while state.step < total:
                 ready = time.perf_counter()
                 for images, _ in self.loader.batches(state.epoch, state.step_in_epoch):
-                    waited = time.perf_counter() - ready
+                    started = time.perf_counter()
                     stats = self.step_fn(images, state.step + 1)
                     state.step += 1
                     state.step_in_epoch += 1
-                    self._after_step(stats, waited, meter, log)
+                    self.metrics.on_step(rank_batch, time.perf_counter() - started, started - ready)
+                    self._after_step(stats, started - ready, meter, log)
                     if state.step >= total:
                         break
                     ready = time.perf_counter()
                 else:
                     state.epoch += 1
                     state.step_in_epoch = 0
+            self.save_samples()
+            self.save_checkpoint()
         except NonFiniteLoss as e:
             last = self.checkpointer.last_saved_step
             where = f"step {last}" if last is not None else "none"
             raise NonFiniteLoss(f"{e}; stopped, last good checkpoint: {where}") from None
         finally:
             log.close()
-        self.save_samples()
-        self.save_checkpoint()
+            self.metrics.close()
+            self.metrics = NoMetrics()
         barrier()
         return state

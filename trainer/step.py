@@ -33,6 +33,28 @@ def frozen(module: torch.nn.Module) -> Iterator[None]:
             p.requires_grad_(True)
 
 
+def grad_norm_before_step(engine: torch.nn.Module) -> torch.Tensor | None:
+    """The global L2 norm of an engine's gradients (already averaged over ranks), unscaled.
+
+    Stays on the device: the loop reads it once per log window. Under ZeRO-1/2 the gradients
+    are partitioned away from the parameters and ZeRO's optimiser computes the norm in step().
+    """
+    if engine.zero_optimization_stage() > 0:
+        return None
+    norm = torch.nn.utils.get_total_norm([p.grad for p in engine.module.parameters() if p.grad is not None])
+    scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
+    return norm / scaler.get_scale() if scaler is not None else norm
+
+
+def grad_norm_after_step(engine: torch.nn.Module, before: torch.Tensor | None) -> torch.Tensor:
+    if before is not None:
+        return before.detach()
+    value = engine.get_global_grad_norm()
+    if torch.is_tensor(value):
+        return value.detach().float()  # no .item(): that would wait for the device every step
+    return torch.as_tensor(float("nan") if value is None else float(value))
+
+
 def bce(logits: torch.Tensor, target: float) -> torch.Tensor:
     logits = logits.float()
     return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
@@ -62,6 +84,7 @@ class GanStep:
         if not self._finite("loss_d", loss_d, step):
             return None
         self.D.backward(loss_d)
+        norm_d = grad_norm_before_step(self.D)
         self.D.step()
 
         with frozen(self.D.module), self.precision.autocast():
@@ -70,6 +93,7 @@ class GanStep:
         if not self._finite("loss_g", loss_g, step):
             return None
         self.G.backward(loss_g)
+        norm_g = grad_norm_before_step(self.G)
         self.G.step()
 
         return {
@@ -77,4 +101,6 @@ class GanStep:
             "d_real": torch.sigmoid(d_real.detach().float()).mean(),
             "d_fake": torch.sigmoid(d_fake.detach().float()).mean(),
             "d_fake_after": torch.sigmoid(d_fake_for_g.detach().float()).mean(),
+            "grad_norm_d": grad_norm_after_step(self.D, norm_d).to(loss_d.device),
+            "grad_norm_g": grad_norm_after_step(self.G, norm_g).to(loss_d.device),
         }

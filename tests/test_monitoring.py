@@ -1,0 +1,133 @@
+"""Prometheus metrics: a real Prometheus scrapes a 2-rank training; the dashboard's queries answer."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+
+import pytest
+from conftest import ROOT, run_dcgan, tiny_train_args
+
+from cluster.monitor import find_prometheus
+from trainer.config import MetricsConfig
+from trainer.distributed import free_port
+from trainer.telemetry import RankMetrics
+
+DASHBOARD = ROOT / "cluster" / "monitoring" / "grafana" / "dashboards" / "dcgan-training.json"
+
+
+def test_a_busy_port_moves_to_the_next_free_one_and_the_target_file_comes_and_goes(tmp_path, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        metrics = RankMetrics(MetricsConfig(port=port, targets_dir=str(tmp_path / "targets")), "busy", rank=3,
+                              local_rank=0, run_dir=tmp_path / "busy")
+        try:
+            assert metrics.port > port
+            assert f"port {port} is busy; rank 3 serves on 127.0.0.1:{metrics.port}" in capsys.readouterr().err
+            target = json.loads((tmp_path / "targets" / "busy-rank-00003.json").read_text())
+            assert target[0]["targets"] == [f"127.0.0.1:{metrics.port}"]
+            assert target[0]["labels"]["rank"] == "3" and target[0]["labels"]["run"] == "busy"
+            metrics.on_step(16, 0.02, 0.001)
+            body = urllib.request.urlopen(f"http://127.0.0.1:{metrics.port}/metrics").read().decode()
+            line = next(x for x in body.splitlines() if x.startswith("dcgan_images_total{"))
+            assert line.startswith('dcgan_images_total{node="') and line.endswith('rank="3",run="busy"} 16.0')
+        finally:
+            metrics.close()
+    assert not (tmp_path / "targets" / "busy-rank-00003.json").exists()
+
+
+def _query(url: str, expr: str, at: float | None = None) -> list[dict]:
+    params = {"query": expr, **({"time": f"{at:.3f}"} if at else {})}
+    with urllib.request.urlopen(f"{url}/api/v1/query?{urllib.parse.urlencode(params)}", timeout=10) as r:
+        body = json.load(r)
+    assert body["status"] == "success", body
+    return body["data"]["result"]
+
+
+def _dashboard_queries() -> list[tuple[str, str]]:
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    return [(p["title"], t["expr"]) for p in panels for t in p["targets"]]
+
+
+@pytest.fixture()
+def monitored_training(fashion_shards, tmp_path):
+    """`dcgan monitor` (Prometheus scraping every second) and a 2-rank torchrun training, both running."""
+    pytest.importorskip("prometheus_client")
+    find_prometheus()
+    runs = tmp_path / "runs"
+    settings = [f"logging.run_dir={runs / 'watched'}", f"metrics.port={free_port()}"]
+    monitor = subprocess.Popen(
+        [sys.executable, "-m", "cluster.cli", "monitor", "--config", str(ROOT / "configs" / "fashion-mnist-32.toml"),
+         "--set", settings[0], "--port", str(free_port()), "--scrape-interval", "1s"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    training = None
+    try:
+        line = monitor.stdout.readline()
+        assert line.startswith("Prometheus at http://127.0.0.1:"), line + monitor.stderr.read()
+        url = line.split()[2].rstrip(",")
+        args = tiny_train_args(fashion_shards, runs / "watched", "optim.max_steps=100000", "checkpoint.every_steps=100",
+                               "logging.log_every=5", "logging.sample_every=100000", settings[1])
+        training = subprocess.Popen([sys.executable, "-m", "cluster.cli", *args, "--nproc", "2"], cwd=ROOT,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                    start_new_session=True)
+        yield url, runs / "watched", training
+    finally:
+        for process in (training, monitor):
+            if process is not None and process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
+
+
+def test_prometheus_scrapes_both_ranks_and_every_dashboard_query_answers(monitored_training):
+    url, run_dir, training = monitored_training
+    deadline = time.monotonic() + 180
+    while True:  # until both ranks have been scraped for a while and a checkpoint was saved
+        assert training.poll() is None, training.stderr.read()[-3000:]
+        up = _query(url, 'sum(up{job="dcgan"})')
+        saved = _query(url, "min(dcgan_checkpoints_total)")
+        if up and float(up[0]["value"][1]) == 2 and saved and float(saved[0]["value"][1]) >= 1:
+            break
+        assert time.monotonic() < deadline, "Prometheus never saw both ranks and a checkpoint"
+        time.sleep(1)
+    time.sleep(12)  # a rate window of steady training after the checkpoint
+
+    with urllib.request.urlopen(f"{url}/api/v1/targets?state=active", timeout=10) as r:
+        targets = json.load(r)["data"]["activeTargets"]
+    ours = [t for t in targets if t["labels"].get("job") == "dcgan"]
+    assert sorted(t["labels"]["rank"] for t in ours) == ["0", "1"] and {t["health"] for t in ours} == {"up"}
+
+    empty = []
+    for title, expr in _dashboard_queries():
+        concrete = expr.replace("$__rate_interval", "10s").replace("$run", ".+")
+        if not _query(url, concrete):
+            empty.append(f"{title}: {concrete}")
+    assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
+
+    # the counter's rate against metrics.jsonl over the same 10 s
+    now = time.time()
+    rate = float(_query(url, "sum(rate(dcgan_images_total[10s]))", at=now)[0]["value"][1])
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    window = [r for r in records if now - 10 <= r["time"] <= now]
+    assert len(window) >= 3
+    logged = (window[-1]["step"] - window[0]["step"]) * 32 / (window[-1]["time"] - window[0]["time"])
+    assert abs(rate - logged) / logged < 0.10, (rate, logged)
+
+
+def test_metrics_can_be_switched_off_and_unknown_metric_keys_are_refused(fashion_shards, tmp_path):
+    res = run_dcgan(*tiny_train_args(fashion_shards, tmp_path / "off", "optim.max_steps=3", "metrics.enabled=false"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert not (tmp_path / "prometheus-targets").exists()
+    res = run_dcgan(*tiny_train_args(fashion_shards, tmp_path / "bad", "metrics.prot=1"))
+    assert res.returncode == 2 and "unknown config key 'metrics.prot'" in res.stderr
