@@ -16,8 +16,6 @@ within each round; the figure per arm is the median over rounds.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -29,26 +27,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.preset_runs import images_per_second, parse_args, train_args  # noqa: E402
 from benchmarks.report import print_table, write_result  # noqa: E402
 from cluster.monitor import start_prometheus, write_config  # noqa: E402
 from trainer.distributed import free_port  # noqa: E402
 
 
 def run_once(run_dir: Path, shards: str, steps: int, warmup: int, metrics_on: bool, port: int) -> float:
-    settings = [f"data.shards={shards}", f"logging.run_dir={run_dir}", f"optim.max_steps={steps}",
-                "logging.log_every=10", "logging.progress=false", f"checkpoint.every_steps={steps}",
-                "logging.sample_every=100000", f"metrics.enabled={str(metrics_on).lower()}", f"metrics.port={port}"]
-    cmd = [sys.executable, "-m", "cluster.cli", "train", "--launcher", "torchrun", "--config",
-           str(ROOT / "configs" / "fashion-mnist-32.toml")]
-    for item in settings:
-        cmd += ["--set", item]
+    cmd = [sys.executable, "-m", "cluster.cli",
+           *train_args(run_dir, shards, steps, "torchrun", f"metrics.enabled={str(metrics_on).lower()}",
+                       f"metrics.port={port}", log_every=10)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if done.returncode:
         sys.exit(f"training failed:\n{done.stderr[-3000:]}")
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    start = next(r for r in records if r["step"] >= warmup)
-    end = records[-1]
-    return (end["step"] - start["step"]) * 128 / (end["time"] - start["time"])
+    return images_per_second(run_dir, warmup)
 
 
 def exporter_cost_us(log_every: int, repeats: int = 20000) -> dict[str, float]:
@@ -80,16 +72,7 @@ def exporter_cost_us(log_every: int, repeats: int = 20000) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shards", default=str(ROOT / "data" / "fashion-mnist-32"))
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "metrics_overhead.json")
-    args = parser.parse_args()
-    if not (Path(args.shards) / "manifest.json").is_file():
-        sys.exit(f"{args.shards}: no shard set; run `make data` first")
-
+    args = parse_args(__doc__.splitlines()[0], "metrics_overhead", steps=200, warmup=20, rounds=3)
     results: dict[str, list[float]] = {"off": [], "on": []}
     with tempfile.TemporaryDirectory(prefix="metrics-overhead-") as tmp:
         runs = Path(tmp) / "runs"

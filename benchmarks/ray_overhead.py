@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import subprocess
 import sys
@@ -30,30 +29,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.preset_runs import images_per_second, parse_args, records, train_args  # noqa: E402
 from benchmarks.report import print_table, write_result  # noqa: E402
 from cluster.local_head import LocalRayHead  # noqa: E402
 
 
-def train_args(run_dir: Path, shards: str, steps: int, launcher: str, ranks: int) -> list[str]:
-    settings = [f"data.shards={shards}", f"logging.run_dir={run_dir}", f"optim.max_steps={steps}",
-                "logging.log_every=1", "logging.progress=false", f"checkpoint.every_steps={steps}",
-                "logging.sample_every=100000"]
-    args = ["train", "--config", str(ROOT / "configs" / "fashion-mnist-32.toml"), "--launcher", launcher]
-    args += ["--nproc", str(ranks)] if launcher == "torchrun" else ["--workers", str(ranks)]
-    for item in settings:
-        args += ["--set", item]
-    return args
-
-
-def measure(run_dir: Path, launched: float, warmup: int, batch: int) -> dict:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    first, start, end = records[0], records[warmup], records[-1]
-    return {"first_step_s": first["time"] - launched,
-            "img_per_s": (end["step"] - start["step"]) * batch / (end["time"] - start["time"])}
+def measure(run_dir: Path, launched: float, warmup: int) -> dict:
+    return {"first_step_s": records(run_dir)[0]["time"] - launched,
+            "img_per_s": images_per_second(run_dir, warmup)}
 
 
 def run_once(launcher: str, ranks: int, run_dir: Path, args: argparse.Namespace) -> dict:
-    cli = train_args(run_dir, args.shards, args.steps, "ray" if launcher == "ray job" else launcher, ranks)
+    cli = train_args(run_dir, args.shards, args.steps, "ray" if launcher == "ray job" else launcher)
+    cli += ["--nproc", str(ranks)] if launcher == "torchrun" else ["--workers", str(ranks)]
     with contextlib.ExitStack() as stack:
         if launcher == "ray job":
             head = stack.enter_context(LocalRayHead())
@@ -67,20 +55,11 @@ def run_once(launcher: str, ranks: int, run_dir: Path, args: argparse.Namespace)
         wall = time.time() - launched
     if done.returncode:
         sys.exit(f"{launcher} x{ranks} failed:\n{(done.stdout + done.stderr)[-3000:]}")
-    return {"wall_s": wall, **measure(run_dir, launched, args.warmup, 128)}
+    return {"wall_s": wall, **measure(run_dir, launched, args.warmup)}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shards", default=str(ROOT / "data" / "fashion-mnist-32"))
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "ray_overhead.json")
-    args = parser.parse_args()
-    if not (Path(args.shards) / "manifest.json").is_file():
-        sys.exit(f"{args.shards}: no shard set; run `make data` first")
-
+    args = parse_args(__doc__.splitlines()[0], "ray_overhead", steps=150, warmup=10, rounds=2)
     plans = [("torchrun", 1), ("ray", 1), ("torchrun", 2), ("ray", 2), ("ray job", 2)]
     runs: dict[tuple[str, int], list[dict]] = {plan: [] for plan in plans}
     with tempfile.TemporaryDirectory(prefix="ray-overhead-") as tmp:

@@ -18,7 +18,7 @@ from conftest import ROOT, run_dcgan, tiny_train_args
 from cluster.monitor import find_prometheus
 from trainer.config import MetricsConfig
 from trainer.distributed import free_port
-from trainer.telemetry import RankMetrics
+from trainer.telemetry import NoMetrics, RankMetrics, open_metrics
 
 DASHBOARD = ROOT / "cluster" / "monitoring" / "grafana" / "dashboards" / "dcgan-training.json"
 
@@ -42,6 +42,17 @@ def test_a_busy_port_moves_to_the_next_free_one_and_the_target_file_comes_and_go
         finally:
             metrics.close()
     assert not (tmp_path / "targets" / "busy-rank-00003.json").exists()
+
+
+def test_training_goes_on_without_metrics_when_they_cannot_be_served(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    metrics = open_metrics(MetricsConfig(port=free_port(), targets_dir=str(blocker / "targets")), "r", 0, 0,
+                           tmp_path / "r")
+    assert isinstance(metrics, NoMetrics)
+    assert "metrics: rank 0 trains without metrics" in capsys.readouterr().err
+    metrics.on_step(1, 0.1, 0.0)
+    metrics.close()
 
 
 def _query(url: str, expr: str, at: float | None = None) -> list[dict]:

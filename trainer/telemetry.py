@@ -92,7 +92,12 @@ class RankMetrics:
         self.host = advertised_host(cfg.host)
         self.port, self.server = self._serve(cfg.host, cfg.port + local_rank)
         self.targets_file = targets_dir(cfg, run_dir) / f"{run}-rank-{rank:05d}.json"
-        self._announce()
+        try:
+            self._announce()
+        except OSError:
+            self.server.shutdown()
+            self.server.server_close()
+            raise
 
     # --- serving -------------------------------------------------------------------------------------
     def _serve(self, host: str, first_port: int) -> tuple[int, Any]:
@@ -186,4 +191,11 @@ def memory_in_use() -> dict[str, float]:
 
 def open_metrics(cfg: MetricsConfig, run: str, rank: int, local_rank: int, run_dir: str | Path
                  ) -> RankMetrics | NoMetrics:
-    return RankMetrics(cfg, run, rank, local_rank, run_dir) if cfg.enabled else NoMetrics()
+    """The rank's exporter; training goes on without one if it cannot serve or announce itself."""
+    if not cfg.enabled:
+        return NoMetrics()
+    try:
+        return RankMetrics(cfg, run, rank, local_rank, run_dir)
+    except OSError as e:
+        print(f"metrics: rank {rank} trains without metrics: {e}", file=sys.stderr, flush=True)
+        return NoMetrics()
