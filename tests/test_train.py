@@ -1,9 +1,11 @@
 """End-to-end training through the CLI: outputs, resume equality, bad input."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -237,3 +239,16 @@ def test_fp16_keeps_a_loss_scaler_per_engine_and_resumes_it(fashion_shards, tmp_
     assert set(a) == {"generator", "discriminator"} and a == b
     for tag in ("generator", "discriminator"):
         assert_same(model_state(whole, tag), model_state(resumed, tag), exact=False, atol=1e-3)
+
+
+def test_a_build_lock_left_by_a_killed_process_is_cleared_and_a_fresh_one_kept(tmp_path, monkeypatch):
+    from trainer.distributed import clear_stale_build_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    stale, fresh = tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "deepspeed_other" / "lock"
+    for lock in (stale, fresh):
+        lock.parent.mkdir()
+        lock.touch()
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    assert clear_stale_build_locks() == [stale]
+    assert not stale.exists() and fresh.exists()

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -28,6 +31,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+STALE_BUILD_LOCK_S = 600.0  # DeepSpeed's JIT op builds here take ~35 s
+
+
+def clear_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S) -> list[Path]:
+    """Remove DeepSpeed JIT-build locks that a killed build left behind.
+
+    torch's extension builder holds a `lock` file while it builds or checks an op; a process
+    killed in that window (Ctrl-C on a first run) leaves it, and every later start then waits
+    on it forever. A lock far older than any build is such a leftover.
+    """
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    removed = []
+    for lock in [*root.glob("deepspeed_*/lock"), *root.glob("*/deepspeed_*/lock")]:
+        try:
+            if time.time() - lock.stat().st_mtime > max_age_s:
+                lock.unlink()
+                removed.append(lock)
+        except FileNotFoundError:
+            continue  # its build just finished
+    for lock in removed:
+        print(f"removed a stale DeepSpeed build lock left by a killed process: {lock}", file=sys.stderr)
+    return removed
+
+
 def init_distributed() -> DistContext:
     """Join the process group set up by torchrun / the deepspeed launcher, or make a group of one.
 
@@ -36,6 +65,7 @@ def init_distributed() -> DistContext:
     """
     import deepspeed  # deferred: importing DeepSpeed takes seconds
 
+    clear_stale_build_locks()
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
