@@ -38,8 +38,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e ".[dev]"
 	# DeepSpeed JIT-builds its shared-memory comm op on first use (~30 s); do it here, once
-	$(BIN)/python -c "import os; os.environ.setdefault('DS_ACCELERATOR', 'cpu'); \
-	  from trainer.distributed import init_distributed; init_distributed()"
+	$(BIN)/python -c "from trainer.distributed import init_distributed; init_distributed()"
 	touch $@
 
 $(FASHION_MNIST):

@@ -27,39 +27,24 @@ def _user_errors() -> tuple[type[BaseException], ...]:
             SourceMissing, ClusterError, MonitorError)
 
 
-def _quiet_deepspeed() -> None:
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # skips DeepSpeed's accelerator probe and its warning
-    import logging
-
-    import deepspeed  # noqa: F401  (creates its logger, which we then quieten)
-
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-
-
 def cmd_train(args: argparse.Namespace) -> int:
+    from trainer.config import ConfigError, load_config
+
     if args.launcher == "ray" and args.nproc > 1:
-        raise _usage_error("--nproc counts torchrun ranks; with Ray (the default launcher) use --workers N")
+        raise ConfigError("--nproc counts torchrun ranks; with Ray (the default launcher) use --workers N")
     in_launched_rank = "RANK" in os.environ  # started by torchrun, the deepspeed launcher or Ray
     if args.launcher == "torchrun" and args.nproc > 1 and not in_launched_rank:
         return _relaunch_under_torchrun(args)
 
-    from trainer.config import load_config
-
     overrides = [*args.set, *([f"cluster.workers={args.workers}"] if args.workers else [])]
     cfg = load_config(args.config, overrides)
-    _quiet_deepspeed()
     if args.launcher == "ray" and not in_launched_rank:
-        return _train_on_ray(cfg, args)
+        from cluster.ray_launch import train_on_ray
+
+        metrics = train_on_ray(cfg, args.resume, args.address)
+        print(f"done: {metrics.get('step')} steps, run folder {cfg.logging.run_dir}")
+        return 0
     return _train_here(cfg, args)
-
-
-def _usage_error(text: str) -> Exception:
-    from trainer.config import ConfigError
-
-    return ConfigError(text)
 
 
 def _relaunch_under_torchrun(args: argparse.Namespace) -> int:
@@ -76,14 +61,9 @@ def _relaunch_under_torchrun(args: argparse.Namespace) -> int:
     return subprocess.call(cmd)
 
 
-def _earlier_run_error(run_dir: str, newest: str) -> Exception:
-    return _usage_error(f"{run_dir} already holds checkpoints of an earlier run (newest: {newest}); continue it "
-                        f"with --resume {run_dir} (or --resume auto), or set logging.run_dir to a new folder")
-
-
 def _train_here(cfg, args: argparse.Namespace) -> int:
     """This process is the rank (a single process, or one rank under torchrun / deepspeed)."""
-    from trainer.checkpoint import list_checkpoints
+    from trainer.checkpoint import earlier_run_error, list_checkpoints
     from trainer.loop import Trainer
 
     earlier = list_checkpoints(Path(cfg.logging.run_dir) / "checkpoints")
@@ -91,50 +71,13 @@ def _train_here(cfg, args: argparse.Namespace) -> int:
     if resume == "auto":
         resume = cfg.logging.run_dir if earlier else None
     elif earlier and not resume:
-        raise _earlier_run_error(cfg.logging.run_dir, earlier[-1].name)
+        raise earlier_run_error(cfg.logging.run_dir, earlier[-1].name)
     trainer = Trainer(cfg)
     if resume:
         trainer.resume(resume)
     state = trainer.fit()
     if trainer.ctx.is_main:
         print(f"done: {state.step} steps, run folder {cfg.logging.run_dir}")
-    return 0
-
-
-def _train_on_ray(cfg, args: argparse.Namespace) -> int:
-    """A Ray Train worker group does the training; this process only drives it."""
-    from cluster.ray_launch import (
-        CHECKPOINTS,
-        check_reachable,
-        has_run_snapshot,
-        resolve_paths,
-        storage_root,
-        train_on_ray,
-    )
-    from trainer.checkpoint import list_checkpoints, resolve_checkpoint
-
-    address = args.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        check_reachable(address)  # first: the other checks are useless if there is no cluster
-    resolve_paths(cfg)
-    root = storage_root(cfg)
-    snapshot = has_run_snapshot(cfg)
-    local = [] if "://" in root else list_checkpoints(Path(root) / CHECKPOINTS)
-    resume = args.resume
-    if resume and resume != "auto":
-        wanted = resolve_checkpoint(resume).resolve()
-        if snapshot and (not local or wanted != local[-1].resolve()):
-            raise _usage_error(f"Ray continues {cfg.logging.run_dir} from its newest checkpoint"
-                               f"{' (' + local[-1].name + ')' if local else ''}; to start from {wanted}, set "
-                               "logging.run_dir to a new folder and keep --resume")
-        resume = None if snapshot else str(wanted)
-    elif resume == "auto":
-        resume = None if snapshot or not local else str(local[-1])  # Ray's own snapshot restores the rest
-    elif snapshot or local:
-        raise _earlier_run_error(cfg.logging.run_dir, local[-1].name if local else "recorded by Ray")
-    continues = local[-1] if snapshot and local else None
-    metrics = train_on_ray(cfg, resume, address, continues)
-    print(f"done: {metrics.get('step')} steps, run folder {cfg.logging.run_dir}")
     return 0
 
 

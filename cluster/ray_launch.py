@@ -114,15 +114,13 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
 
 
 def connect(address: str | None) -> None:
-    """Join the cluster at `address` or RAY_ADDRESS; with neither, start a local Ray for this run."""
+    """Join the cluster at `address` (checked reachable); without one, start a local Ray for this run."""
     import ray
 
-    address = address or os.environ.get("RAY_ADDRESS")
     quiet: dict[str, Any] = dict(logging_level=logging.WARNING, log_to_driver=True)
     if not in_ray_job():  # a job's runtime_env is fixed at submission (cluster/examples/runtime_env.yaml)
         quiet["runtime_env"] = {"env_vars": WORKER_ENV}
     if address:
-        check_reachable(address)
         ray.init(address=address, **quiet)
     else:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a private local instance reports nothing
@@ -169,12 +167,37 @@ def check_worker_count(cfg: Config, plan: WorkerPlan, continues: str | Path | No
                               f"resume with --workers {written_by}, not {plan.workers}")
 
 
-def train_on_ray(cfg: Config, resume: str | None, address: str | None,
-                 continues: str | Path | None = None) -> dict[str, Any]:
+def resume_plan(cfg: Config, resume: str | None) -> tuple[str | None, Path | None]:
+    """(a checkpoint for a new run to start from, the checkpoint Ray's snapshot will restore).
+
+    Ray continues a run from its own record under the storage path, so `--resume` of that run
+    (or `auto`) needs no path; a run without that record starts from the given checkpoint.
+    """
+    from trainer.checkpoint import earlier_run_error, list_checkpoints, resolve_checkpoint
+
+    root = storage_root(cfg)
+    snapshot = has_run_snapshot(cfg)
+    local = [] if _is_uri(root) else list_checkpoints(Path(root) / CHECKPOINTS)
+    continues = local[-1] if snapshot and local else None
+    if resume and resume != "auto":
+        wanted = resolve_checkpoint(resume).resolve()
+        if snapshot and (not local or wanted != local[-1].resolve()):
+            raise ConfigError(f"Ray continues {cfg.logging.run_dir} from its newest checkpoint"
+                              f"{' (' + local[-1].name + ')' if local else ''}; to start from {wanted}, set "
+                              "logging.run_dir to a new folder and keep --resume")
+        return (None if snapshot else str(wanted)), continues
+    if resume == "auto":
+        return (None if snapshot or not local else str(local[-1])), continues
+    if snapshot or local:
+        raise earlier_run_error(cfg.logging.run_dir, local[-1].name if local else "recorded by Ray")
+    return None, None
+
+
+def train_on_ray(cfg: Config, resume: str | None, address: str | None) -> dict[str, Any]:
     """Run the whole training on a Ray worker group; returns rank 0's last reported metrics.
 
-    `resume`: a checkpoint for a new run to start from; `continues`: the checkpoint Ray's own
-    snapshot will restore (checked for a matching worker count only).
+    `resume` as `dcgan train --resume` takes it; `address`: the cluster, else RAY_ADDRESS,
+    else a local Ray. Everything checkable is checked before Ray starts.
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -182,8 +205,12 @@ def train_on_ray(cfg: Config, resume: str | None, address: str | None,
 
     from cluster.ray_worker import train_worker
 
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        check_reachable(address)  # first: the other checks are useless if there is no cluster
     resolve_paths(cfg)
-    check_shards(cfg, joins_cluster=bool(address or os.environ.get("RAY_ADDRESS")))
+    resume, continues = resume_plan(cfg, resume)
+    check_shards(cfg, joins_cluster=bool(address))
     connect(address)
     try:
         plan = plan_for_cluster(cfg)

@@ -3,7 +3,6 @@ through Ray and resuming from the checkpoint Ray hands a restarted worker group.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import ray.train
@@ -19,8 +18,6 @@ from trainer.loop import Trainer
 def train_worker(job: dict[str, Any]) -> None:
     """`job`: the resolved config, the worker's thread count, an optional first checkpoint and fault."""
     torch.set_num_threads(job["threads"])
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     cfg = config_from_dict(job["config"])
     # TorchTrainer has already formed the process group (ranks = Ray world ranks); DeepSpeed joins it
     ctx = init_distributed()

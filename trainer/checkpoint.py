@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from trainer.checkpoint_io import CheckpointError, safe_load
+from trainer.config import ConfigError
 from trainer.distributed import DistContext, barrier
 from trainer.engines import GanEngines
 
@@ -80,6 +81,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
             return found[-1]
     raise CheckpointError(f"no complete checkpoint (a {PREFIX}* folder with {META_NAME} and every rank's file) "
                           f"in {path}")
+
+
+def earlier_run_error(run_dir: str, newest: str) -> ConfigError:
+    """Training into a folder that holds another run's checkpoints would mix the two."""
+    return ConfigError(f"{run_dir} already holds checkpoints of an earlier run (newest: {newest}); continue it "
+                       f"with --resume {run_dir} (or --resume auto), or set logging.run_dir to a new folder")
 
 
 def read_meta(checkpoint: str | Path) -> dict[str, Any]:

@@ -63,8 +63,13 @@ def init_distributed() -> DistContext:
     Without launcher variables DeepSpeed would look for MPI, so a single process gets a
     loopback group of its own.
     """
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # skips DeepSpeed's accelerator probe and its warning
+    import logging
+
     import deepspeed  # deferred: importing DeepSpeed takes seconds
 
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     clear_stale_build_locks()
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",

@@ -8,7 +8,6 @@ JIT-compiles for minutes and does not resume bit-exactly.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -51,7 +50,6 @@ def build_engines(generator: torch.nn.Module, discriminator: torch.nn.Module, cf
                   precision: Precision) -> GanEngines:
     import deepspeed
 
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     engines = []
     for module in (generator, discriminator):
         engine, *_ = deepspeed.initialize(model=module, model_parameters=module.parameters(),
