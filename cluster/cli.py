@@ -160,6 +160,17 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         return 0
 
 
+def cmd_bench_kernels(args: argparse.Namespace) -> int:
+    # the benchmarks live beside the package in a checkout (they write benchmarks/results/ there)
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "benchmarks" / "kernels.py").is_file():
+        raise FileNotFoundError("dcgan bench runs from a source checkout (benchmarks/kernels.py not found)")
+    sys.path.insert(0, str(root))
+    from benchmarks.kernels import main as bench_kernels
+
+    return bench_kernels(args.bench_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dcgan", description=__doc__)
     # the deepspeed launcher passes --local_rank before the sub-command; LOCAL_RANK carries it too
@@ -243,12 +254,23 @@ def build_parser() -> argparse.ArgumentParser:
     sample_lsun.add_argument("--corrupt", type=int, default=0)
     sample_lsun.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     sample_lsun.set_defaults(func=cmd_data_sample_lsun)
+
+    bench = sub.add_parser("bench", help="microbenchmarks").add_subparsers(dest="bench_command", required=True)
+    kernels = bench.add_parser("kernels", add_help=False,
+                               help="generator blocks: PyTorch eager vs torch.compile vs fused Triton "
+                                    "(options: dcgan bench kernels --help)")
+    kernels.set_defaults(func=cmd_bench_kernels)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # a benchmark's own options pass through to it untouched
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "bench_command", None) is None:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.bench_args = extra
     args.argv = argv
     if getattr(args, "data_command", None) == "convert" and args.channels is None:
         args.channels = 1 if args.source == "fashion-mnist" else 3

@@ -6,11 +6,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 # this interpreter's tools first, for every subprocess (dcgan, ray, torchrun), as `make test` sets it:
 # DeepSpeed JIT-builds with the first ninja on PATH and rebuilds whenever that changes
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+
+# Triton kernels run on CPU tensors through Triton's interpreter; it must be chosen before any
+# kernel is defined. With a GPU they run compiled.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Tiny nets and batches: the tests check behaviour, the benchmarks measure speed.
 TINY = ["model.ngf=8", "model.ndf=8", "optim.batch_size=32", "data.shuffle_buffer=256",

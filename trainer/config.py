@@ -27,6 +27,9 @@ class ModelConfig:
     ngf: int = 64  # G's last hidden width; the projection has ngf * 2**(layers-1) channels
     ndf: int = 64
     init_std: float = 0.02
+    # G's conv-transpose + BatchNorm + ReLU blocks as fused Triton kernels where CUDA is present
+    # (the PyTorch blocks otherwise); same parameters and state_dict either way
+    fused_kernels: bool = False
 
 
 @dataclass

@@ -15,7 +15,7 @@ from trainer.config import Config, to_toml
 from trainer.distributed import DistContext, average_batchnorm_stats, barrier, init_distributed
 from trainer.engines import GanEngines, build_engines
 from trainer.metrics import MetricsLog, StepMeter
-from trainer.models import build_models, sample_z
+from trainer.models import build_models, fused_kernels_unavailable, sample_z
 from trainer.precision import Precision
 from trainer.sampling import generate, save_grid
 from trainer.step import GanStep, NonFiniteLoss
@@ -50,6 +50,10 @@ class Trainer:
             raise ShardSetError(f"{cfg.data.shards} holds {self.loader.manifest.total} samples: fewer than one "
                                 f"batch of {cfg.optim.batch_size // self.ctx.world_size} per rank")
         generator, discriminator = build_models(cfg.model, cfg.optim.seed)
+        if reason := fused_kernels_unavailable(cfg.model, self.ctx.device, cfg.precision.zero_stage):
+            generator.fused_kernels = False
+            if self.ctx.is_main:
+                print(f"note: model.fused_kernels: {reason}; G's blocks run in PyTorch", flush=True)
         self.engines: GanEngines = build_engines(generator.to(self.ctx.device), discriminator.to(self.ctx.device),
                                                  cfg, self.ctx.world_size, self.precision)
         self.noise = torch.Generator().manual_seed(cfg.optim.seed * 100_003 + 1 + self.ctx.rank)

@@ -18,6 +18,7 @@ import math
 import torch
 from torch import nn
 
+from kernels.dispatch import conv_transpose_bn_relu, fused_available
 from trainer.config import ModelConfig
 
 
@@ -49,9 +50,18 @@ class Generator(nn.Module):
             width //= 2
         blocks += [nn.ConvTranspose2d(width, cfg.channels, 4, 2, 1, bias=False), nn.Tanh()]
         self.net = nn.Sequential(*blocks)
+        self.fused_kernels = cfg.fused_kernels
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z.view(z.shape[0], self.z_dim, 1, 1))
+        x = z.view(z.shape[0], self.z_dim, 1, 1)
+        if not self.fused_kernels:
+            return self.net(x)
+        # the same modules, parameters and state_dict; each conv-transpose + BN + ReLU triple runs
+        # as one fused block (kernels/ falls back to the modules wherever the kernels cannot run)
+        modules = list(self.net)
+        for i in range(0, len(modules) - 2, 3):
+            x = conv_transpose_bn_relu(x, modules[i], modules[i + 1])
+        return modules[-1](modules[-2](x))
 
 
 class Discriminator(nn.Module):
@@ -75,6 +85,17 @@ class Discriminator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x)).flatten()
+
+
+def fused_kernels_unavailable(cfg: ModelConfig, device: torch.device, zero_stage: int) -> str | None:
+    """Why `model.fused_kernels = true` cannot take effect here (None: it does, or was not asked for)."""
+    if not cfg.fused_kernels:
+        return None
+    if zero_stage == 3:
+        # ZeRO-3 gathers a module's partitioned parameters in that module's forward hooks, which
+        # the fused blocks (reading the parameters directly) never trigger
+        return "ZeRO stage 3 partitions the parameters the fused blocks read"
+    return fused_available(device)
 
 
 def init_weights(module: nn.Module, std: float = 0.02) -> None:

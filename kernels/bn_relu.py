@@ -1,0 +1,122 @@
+"""Training-mode BatchNorm + ReLU around the conv-transpose GEMM, in Triton.
+
+Forward: `bn_finalize_kernel` merges the GEMM epilogue's per-tile statistics into each channel's
+mean and 1/std, updates the running statistics and precomputes scale = gamma/std and
+shift = beta - mean*scale, so `bn_relu_apply_kernel` is one fused multiply-add and max per element.
+Backward, the standard BN gradient through the ReLU mask:
+    dz = dout * (scale*y + shift > 0)
+    dbeta = sum(dz), dgamma = sum(dz * xhat), xhat = (y - mean) / std
+    dy = scale * (dz - dbeta/M - xhat * dgamma/M)
+`bn_relu_grad_reduce_kernel` computes the two sums (per-program partials, summed by the caller:
+deterministic), `bn_relu_grad_apply_kernel` the elementwise dy the backward GEMMs read.
+The elementwise kernels read a contiguous NCHW tensor flat and gather each element's channel
+parameters (C floats, cached), which keeps every program's loads full whatever the image size.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def bn_finalize_kernel(
+    psum_ptr, pm2_ptr, gamma_ptr, beta_ptr, running_mean_ptr, running_var_ptr,
+    mean_ptr, rstd_ptr, scale_ptr, shift_ptr,
+    C, PHASES, M_TILES, ROWS_PER_PHASE, TILE_ROWS, momentum, eps,
+    UPDATE_RUNNING: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    parts = PHASES * M_TILES
+    total = (ROWS_PER_PHASE * PHASES).to(tl.float32)
+    s = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for i in range(parts):
+        s += tl.load(psum_ptr + i * C + c, mask=c_ok, other=0.0)
+    mean = s / total
+    m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for i in range(parts):
+        tile = i % M_TILES
+        count = tl.minimum(ROWS_PER_PHASE - tile * TILE_ROWS, TILE_ROWS).to(tl.float32)
+        tile_mean = tl.load(psum_ptr + i * C + c, mask=c_ok, other=0.0) / count
+        delta = tile_mean - mean
+        m2 += tl.load(pm2_ptr + i * C + c, mask=c_ok, other=0.0) + count * delta * delta
+    var = m2 / total
+    rstd = 1.0 / tl.sqrt(var + eps)
+    gamma = tl.load(gamma_ptr + c, mask=c_ok, other=1.0).to(tl.float32)
+    beta = tl.load(beta_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+    scale = gamma * rstd
+    tl.store(mean_ptr + c, mean, mask=c_ok)
+    tl.store(rstd_ptr + c, rstd, mask=c_ok)
+    tl.store(scale_ptr + c, scale, mask=c_ok)
+    tl.store(shift_ptr + c, beta - mean * scale, mask=c_ok)
+    if UPDATE_RUNNING:
+        # running_var takes the unbiased variance, as nn.BatchNorm2d does
+        unbiased = m2 / tl.maximum(total - 1.0, 1.0)
+        rm = tl.load(running_mean_ptr + c, mask=c_ok, other=0.0)
+        rv = tl.load(running_var_ptr + c, mask=c_ok, other=1.0)
+        tl.store(running_mean_ptr + c, (1.0 - momentum) * rm + momentum * mean, mask=c_ok)
+        tl.store(running_var_ptr + c, (1.0 - momentum) * rv + momentum * unbiased, mask=c_ok)
+
+
+@triton.jit
+def bn_relu_apply_kernel(y_ptr, out_ptr, scale_ptr, shift_ptr, C, HW, TOTAL, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < TOTAL
+    c = (offs // HW) % C
+    scale = tl.load(scale_ptr + c, mask=ok, other=0.0)
+    shift = tl.load(shift_ptr + c, mask=ok, other=0.0)
+    y = tl.load(y_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    out = tl.maximum(y * scale + shift, 0.0)
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def bn_relu_grad_reduce_kernel(y_ptr, dout_ptr, mean_ptr, rstd_ptr, scale_ptr, shift_ptr, dbeta_ptr, dgamma_ptr,
+                               N, C, HW, N_PER_PROGRAM, BLOCK_IMG: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """Partial sums of dz and dz*xhat for channel c over images [j*N_PER_PROGRAM, (j+1)*N_PER_PROGRAM),
+    written to [j, c] of the (programs along N) x C partial buffers. Tiles are BLOCK_IMG images x
+    BLOCK_HW pixels, so 4x4 layers still load full tiles."""
+    c = tl.program_id(0)
+    j = tl.program_id(1)
+    mean = tl.load(mean_ptr + c)
+    rstd = tl.load(rstd_ptr + c)
+    scale = tl.load(scale_ptr + c)
+    shift = tl.load(shift_ptr + c)
+    sum_dz = tl.zeros((BLOCK_IMG, BLOCK_HW), dtype=tl.float32)
+    sum_dz_xhat = tl.zeros((BLOCK_IMG, BLOCK_HW), dtype=tl.float32)
+    n_end = tl.minimum((j + 1) * N_PER_PROGRAM, N)
+    imgs = tl.arange(0, BLOCK_IMG)
+    pix = tl.arange(0, BLOCK_HW)
+    for n0 in range(j * N_PER_PROGRAM, n_end, BLOCK_IMG):
+        n = n0 + imgs
+        base = (n.to(tl.int64) * C + c) * HW
+        for h0 in range(0, HW, BLOCK_HW):
+            ok = (n < n_end)[:, None] & ((h0 + pix) < HW)[None, :]
+            offs = base[:, None] + (h0 + pix)[None, :]
+            y = tl.load(y_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            g = tl.load(dout_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            dz = tl.where(ok & (y * scale + shift > 0.0), g, 0.0)
+            sum_dz += dz
+            sum_dz_xhat += dz * (y - mean) * rstd
+    tl.store(dbeta_ptr + j * C + c, tl.sum(tl.sum(sum_dz, axis=1), axis=0))
+    tl.store(dgamma_ptr + j * C + c, tl.sum(tl.sum(sum_dz_xhat, axis=1), axis=0))
+
+
+@triton.jit
+def bn_relu_grad_apply_kernel(y_ptr, dout_ptr, dy_ptr, mean_ptr, rstd_ptr, scale_ptr, shift_ptr, dbeta_ptr,
+                              dgamma_ptr, C, HW, TOTAL, inv_count, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < TOTAL
+    c = (offs // HW) % C
+    mean = tl.load(mean_ptr + c, mask=ok, other=0.0)
+    rstd = tl.load(rstd_ptr + c, mask=ok, other=0.0)
+    scale = tl.load(scale_ptr + c, mask=ok, other=0.0)
+    shift = tl.load(shift_ptr + c, mask=ok, other=0.0)
+    dbeta_mean = tl.load(dbeta_ptr + c, mask=ok, other=0.0) * inv_count
+    dgamma_mean = tl.load(dgamma_ptr + c, mask=ok, other=0.0) * inv_count
+    y = tl.load(y_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    g = tl.load(dout_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    dz = tl.where(y * scale + shift > 0.0, g, 0.0)
+    dy = scale * (dz - dbeta_mean - (y - mean) * rstd * dgamma_mean)
+    tl.store(dy_ptr + offs, dy.to(dy_ptr.dtype.element_ty), mask=ok)
