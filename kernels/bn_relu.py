@@ -9,8 +9,9 @@ Backward, the standard BN gradient through the ReLU mask:
     dy = scale * (dz - dbeta/M - xhat * dgamma/M)
 `bn_relu_grad_reduce_kernel` computes the two sums (per-program partials, summed by the caller:
 deterministic), `bn_relu_grad_apply_kernel` the elementwise dy the backward GEMMs read.
-The elementwise kernels read a contiguous NCHW tensor flat and gather each element's channel
-parameters (C floats, cached), which keeps every program's loads full whatever the image size.
+The activations are channels-last (NHWC): the GEMMs then store and load whole channel rows, and
+these kernels see an (N*H*W) x C matrix: the elementwise ones read it flat (channel = offset mod C),
+the reduction walks row blocks x channel blocks, full tiles whatever the image size.
 """
 
 from __future__ import annotations
@@ -60,10 +61,10 @@ def bn_finalize_kernel(
 
 
 @triton.jit
-def bn_relu_apply_kernel(y_ptr, out_ptr, scale_ptr, shift_ptr, C, HW, TOTAL, BLOCK: tl.constexpr):
+def bn_relu_apply_kernel(y_ptr, out_ptr, scale_ptr, shift_ptr, C, TOTAL, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < TOTAL
-    c = (offs // HW) % C
+    c = offs % C
     scale = tl.load(scale_ptr + c, mask=ok, other=0.0)
     shift = tl.load(shift_ptr + c, mask=ok, other=0.0)
     y = tl.load(y_ptr + offs, mask=ok, other=0.0).to(tl.float32)
@@ -73,42 +74,38 @@ def bn_relu_apply_kernel(y_ptr, out_ptr, scale_ptr, shift_ptr, C, HW, TOTAL, BLO
 
 @triton.jit
 def bn_relu_grad_reduce_kernel(y_ptr, dout_ptr, mean_ptr, rstd_ptr, scale_ptr, shift_ptr, dbeta_ptr, dgamma_ptr,
-                               N, C, HW, N_PER_PROGRAM, BLOCK_IMG: tl.constexpr, BLOCK_HW: tl.constexpr):
-    """Partial sums of dz and dz*xhat for channel c over images [j*N_PER_PROGRAM, (j+1)*N_PER_PROGRAM),
-    written to [j, c] of the (programs along N) x C partial buffers. Tiles are BLOCK_IMG images x
-    BLOCK_HW pixels, so 4x4 layers still load full tiles."""
-    c = tl.program_id(0)
-    j = tl.program_id(1)
-    mean = tl.load(mean_ptr + c)
-    rstd = tl.load(rstd_ptr + c)
-    scale = tl.load(scale_ptr + c)
-    shift = tl.load(shift_ptr + c)
-    sum_dz = tl.zeros((BLOCK_IMG, BLOCK_HW), dtype=tl.float32)
-    sum_dz_xhat = tl.zeros((BLOCK_IMG, BLOCK_HW), dtype=tl.float32)
-    n_end = tl.minimum((j + 1) * N_PER_PROGRAM, N)
-    imgs = tl.arange(0, BLOCK_IMG)
-    pix = tl.arange(0, BLOCK_HW)
-    for n0 in range(j * N_PER_PROGRAM, n_end, BLOCK_IMG):
-        n = n0 + imgs
-        base = (n.to(tl.int64) * C + c) * HW
-        for h0 in range(0, HW, BLOCK_HW):
-            ok = (n < n_end)[:, None] & ((h0 + pix) < HW)[None, :]
-            offs = base[:, None] + (h0 + pix)[None, :]
-            y = tl.load(y_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-            g = tl.load(dout_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-            dz = tl.where(ok & (y * scale + shift > 0.0), g, 0.0)
-            sum_dz += dz
-            sum_dz_xhat += dz * (y - mean) * rstd
-    tl.store(dbeta_ptr + j * C + c, tl.sum(tl.sum(sum_dz, axis=1), axis=0))
-    tl.store(dgamma_ptr + j * C + c, tl.sum(tl.sum(sum_dz_xhat, axis=1), axis=0))
+                               ROWS, C, ROWS_PER_PROGRAM, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per-channel partial sums of dz and dz*xhat over rows (pixels) [j*ROWS_PER_PROGRAM, ...), written to
+    [j, c] of the (programs along rows) x C partial buffers."""
+    j = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    mean = tl.load(mean_ptr + c, mask=c_ok, other=0.0)[None, :]
+    rstd = tl.load(rstd_ptr + c, mask=c_ok, other=0.0)[None, :]
+    scale = tl.load(scale_ptr + c, mask=c_ok, other=0.0)[None, :]
+    shift = tl.load(shift_ptr + c, mask=c_ok, other=0.0)[None, :]
+    sum_dz = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    sum_dz_xhat = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    r_end = tl.minimum((j + 1) * ROWS_PER_PROGRAM, ROWS)
+    for r0 in range(j * ROWS_PER_PROGRAM, r_end, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        ok = (r < r_end)[:, None] & c_ok[None, :]
+        offs = r.to(tl.int64)[:, None] * C + c[None, :]
+        y = tl.load(y_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        g = tl.load(dout_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        dz = tl.where(ok & (y * scale + shift > 0.0), g, 0.0)
+        sum_dz += dz
+        sum_dz_xhat += dz * (y - mean) * rstd
+    tl.store(dbeta_ptr + j * C + c, tl.sum(sum_dz, axis=0), mask=c_ok)
+    tl.store(dgamma_ptr + j * C + c, tl.sum(sum_dz_xhat, axis=0), mask=c_ok)
 
 
 @triton.jit
 def bn_relu_grad_apply_kernel(y_ptr, dout_ptr, dy_ptr, mean_ptr, rstd_ptr, scale_ptr, shift_ptr, dbeta_ptr,
-                              dgamma_ptr, C, HW, TOTAL, inv_count, BLOCK: tl.constexpr):
+                              dgamma_ptr, C, TOTAL, inv_count, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < TOTAL
-    c = (offs // HW) % C
+    c = offs % C
     mean = tl.load(mean_ptr + c, mask=ok, other=0.0)
     rstd = tl.load(rstd_ptr + c, mask=ok, other=0.0)
     scale = tl.load(scale_ptr + c, mask=ok, other=0.0)

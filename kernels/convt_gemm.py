@@ -58,26 +58,27 @@ def convt_phase_fwd_kernel(
     col_ok = cols < C_OUT
     ks = tl.arange(0, BLOCK_K)
 
+    # one flat loop over (tap, channel block), so Triton's pipeliner overlaps the loads of the next
+    # tiles with the current tl.dot (nested tap loops would leave it one stage deep)
+    k_blocks = tl.cdiv(C_IN, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for ty in tl.static_range(TAPS):
+    for it in range(0, TAPS * TAPS * k_blocks):
+        tap = it // k_blocks
+        c0 = (it % k_blocks) * BLOCK_K
+        ty = tap // TAPS
+        tx = tap % TAPS
         iy = qy + dy0 - ty
-        ky = ry + ty * STRIDE
-        y_ok = row_ok & (iy >= 0) & (iy < H)
-        for tx in tl.static_range(TAPS):
-            ix = qx + dx0 - tx
-            kx = rx + tx * STRIDE
-            a_ok = y_ok & (ix >= 0) & (ix < W)
-            a_base = x_ptr + n * sxn + iy * sxh + ix * sxw
-            b_base = w_ptr + ky * swh + kx * sww + cols * swo
-            for c0 in range(0, C_IN, BLOCK_K):
-                k_ok = (c0 + ks) < C_IN
-                a = tl.load(a_base[:, None] + (c0 + ks)[None, :] * sxc, mask=a_ok[:, None] & k_ok[None, :], other=0.0)
-                b = tl.load(b_base[None, :] + (c0 + ks)[:, None] * swi, mask=k_ok[:, None] & col_ok[None, :],
-                            other=0.0)
-                if UPCAST:
-                    a = a.to(tl.float32)
-                    b = b.to(tl.float32)
-                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        ix = qx + dx0 - tx
+        a_ok = row_ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+        k_ok = (c0 + ks) < C_IN
+        a = tl.load(x_ptr + (n * sxn + iy * sxh + ix * sxw)[:, None] + (c0 + ks)[None, :] * sxc,
+                    mask=a_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_ptr + (ry + ty * STRIDE) * swh + (rx + tx * STRIDE) * sww + (c0 + ks)[:, None] * swi
+                    + (cols * swo)[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
     oy = qy * STRIDE + py
     ox = qx * STRIDE + px

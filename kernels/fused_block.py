@@ -30,6 +30,8 @@ from kernels.launch import dot_precision, elementwise_block, gemm_blocks, interp
 from kernels.reference import fold_batchnorm
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# the blocks' activations and gradients: channels-last, so GEMM tiles are contiguous along channels
+NHWC = torch.channels_last
 _INT32_LIMIT = 2**31 - 1
 
 
@@ -93,7 +95,7 @@ def _conv_forward(x: torch.Tensor, w: torch.Tensor, g: Geometry, out_dtype: torc
                   bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
     """The phase GEMM: (y, tile sums, tile M2, m_tiles, block_m); with `bias`, y = ReLU(conv + bias)."""
     s = g.phase_stride
-    y = torch.empty(g.n, g.c_out, g.h_out, g.w_out, device=x.device, dtype=out_dtype)
+    y = torch.empty(g.n, g.c_out, g.h_out, g.w_out, device=x.device, dtype=out_dtype, memory_format=NHWC)
     blocks = gemm_blocks(g.rows_per_phase, g.c_out, g.c_in)
     m_tiles = triton.cdiv(g.rows_per_phase, blocks.block_m)
     if bias is None:
@@ -118,6 +120,15 @@ def _elementwise_grid(total: int) -> tuple[tuple[int], int]:
     return (triton.cdiv(total, block),), block
 
 
+def _gemm_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W (C_in, C_out, k, k) stored as (k, k, C_in, C_out): both GEMMs then read channel-contiguous tiles.
+    The cast to the compute dtype copies W anyway, so the new layout costs nothing extra."""
+    k = weight.shape[2]
+    stored = torch.empty(k, k, weight.shape[0], weight.shape[1], device=weight.device, dtype=dtype)
+    stored.copy_(weight.permute(2, 3, 0, 1))
+    return stored.permute(2, 3, 0, 1)  # logical (C_in, C_out, k, k) again, addressed through strides
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     device_type = x.device.type
     if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
@@ -125,12 +136,16 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _weight_grad_splits(g: Geometry, programs: int, rows: int, block_k: int) -> int:
+def _sm_count() -> int:
+    # without a GPU (compile checks) assume an H100/H200's 132
+    return torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 132
+
+
+def _weight_grad_splits(programs: int, rows: int, block_k: int) -> int:
     """Split the weight gradient's long reduction (N*H*W) until the grid fills the GPU twice over."""
     if interpreting():
         return 1
-    sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 132
-    splits = triton.cdiv(2 * sms, programs)
+    splits = triton.cdiv(2 * _sm_count(), programs)
     return max(1, min(splits, rows // (4 * block_k)))
 
 
@@ -142,7 +157,7 @@ class ConvTransposeBNReLU(torch.autograd.Function):
                 running_mean: torch.Tensor | None, running_var: torch.Tensor | None, stride: int, padding: int,
                 momentum: float, eps: float) -> torch.Tensor:
         dtype = _compute_dtype(x)
-        xc, wc = x.to(dtype), weight.to(dtype)
+        xc, wc = x.to(dtype), _gemm_weight(weight, dtype)
         g = _geometry(xc, wc, stride, padding)
         y, psum, pm2, m_tiles, block_m = _conv_forward(xc, wc, g, dtype)
 
@@ -159,7 +174,7 @@ class ConvTransposeBNReLU(torch.autograd.Function):
 
         out = torch.empty_like(y)
         grid, block = _elementwise_grid(y.numel())
-        launch(bn_relu_apply_kernel, grid, [y, out, scale, shift, g.c_out, g.h_out * g.w_out, y.numel()],
+        launch(bn_relu_apply_kernel, grid, [y, out, scale, shift, g.c_out, y.numel()],
                dict(BLOCK=block), 4, 1)
         ctx.save_for_backward(xc, wc, y, mean, rstd, scale, shift)
         ctx.geometry, ctx.input_dtype = g, x.dtype
@@ -169,32 +184,35 @@ class ConvTransposeBNReLU(torch.autograd.Function):
     def backward(ctx, dout: torch.Tensor):
         xc, wc, y, mean, rstd, scale, shift = ctx.saved_tensors
         g: Geometry = ctx.geometry
-        dout = dout.contiguous()
-        hw = g.h_out * g.w_out
+        dout = dout.contiguous(memory_format=NHWC)
+        rows = g.n * g.h_out * g.w_out
 
         # BN + ReLU: channel sums, in per-program partials summed here (deterministic)
-        block_hw = min(triton.next_power_of_2(hw), 256 if not interpreting() else 4096)
-        block_img = max(1, (1024 if not interpreting() else 1 << 16) // block_hw)
-        n_per_program = g.n if interpreting() else max(block_img, triton.cdiv(g.n, 8))
-        n_programs = triton.cdiv(g.n, n_per_program)
-        dbeta_parts = torch.empty(n_programs, g.c_out, device=y.device, dtype=torch.float32)
+        block_c = min(triton.next_power_of_2(g.c_out), 512 if interpreting() else 64)
+        block_r = (1 << 16 if interpreting() else 4096) // block_c
+        c_blocks = triton.cdiv(g.c_out, block_c)
+        # enough row programs for ~4 per SM, never more than there are row blocks
+        row_programs = 1 if interpreting() else min(triton.cdiv(rows, block_r), triton.cdiv(4 * _sm_count(), c_blocks))
+        rows_per_program = triton.cdiv(triton.cdiv(rows, row_programs), block_r) * block_r
+        row_programs = triton.cdiv(rows, rows_per_program)
+        dbeta_parts = torch.empty(row_programs, g.c_out, device=y.device, dtype=torch.float32)
         dgamma_parts = torch.empty_like(dbeta_parts)
-        launch(bn_relu_grad_reduce_kernel, (g.c_out, n_programs),
-               [y, dout, mean, rstd, scale, shift, dbeta_parts, dgamma_parts, g.n, g.c_out, hw, n_per_program],
-               dict(BLOCK_IMG=block_img, BLOCK_HW=block_hw), 4, 1)
+        launch(bn_relu_grad_reduce_kernel, (row_programs, c_blocks),
+               [y, dout, mean, rstd, scale, shift, dbeta_parts, dgamma_parts, rows, g.c_out, rows_per_program],
+               dict(BLOCK_R=block_r, BLOCK_C=block_c), 4, 1)
         dbeta, dgamma = dbeta_parts.sum(0), dgamma_parts.sum(0)
 
         dy = torch.empty_like(y)
         grid, block = _elementwise_grid(y.numel())
         launch(bn_relu_grad_apply_kernel, grid,
-               [y, dout, dy, mean, rstd, scale, shift, dbeta, dgamma, g.c_out, hw, y.numel(), 1.0 / (g.n * hw)],
+               [y, dout, dy, mean, rstd, scale, shift, dbeta, dgamma, g.c_out, y.numel(), 1.0 / rows],
                dict(BLOCK=block), 4, 1)
 
         common = dict(STRIDE=g.stride, PAD=g.padding, KSIZE=g.ksize, UPCAST=interpreting(),
                       DOT_PRECISION=dot_precision(dy.dtype))
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = torch.empty(g.n, g.c_in, g.h, g.w, device=y.device, dtype=ctx.input_dtype)
+            dx = torch.empty(g.n, g.c_in, g.h, g.w, device=y.device, dtype=ctx.input_dtype, memory_format=NHWC)
             blocks = gemm_blocks(g.n * g.h * g.w, g.c_in, g.c_out)
             launch(convt_input_grad_kernel,
                    (triton.cdiv(g.n * g.h * g.w, blocks.block_m), triton.cdiv(g.c_in, blocks.block_n)),
@@ -204,12 +222,12 @@ class ConvTransposeBNReLU(torch.autograd.Function):
                    blocks.num_warps, blocks.num_stages)
         dw = None
         if ctx.needs_input_grad[1]:
-            rows = g.n * g.h * g.w
-            blocks = gemm_blocks(g.c_in, g.c_out, rows)
+            in_rows = g.n * g.h * g.w
+            blocks = gemm_blocks(g.c_in, g.c_out, in_rows)
             programs = triton.cdiv(g.c_in, blocks.block_m) * triton.cdiv(g.c_out, blocks.block_n) * g.ksize ** 2
-            splits = _weight_grad_splits(g, programs, rows, blocks.block_k)
-            rows_per_split = triton.cdiv(triton.cdiv(rows, splits), blocks.block_k) * blocks.block_k
-            splits = triton.cdiv(rows, rows_per_split)
+            splits = _weight_grad_splits(programs, in_rows, blocks.block_k)
+            rows_per_split = triton.cdiv(triton.cdiv(in_rows, splits), blocks.block_k) * blocks.block_k
+            splits = triton.cdiv(in_rows, rows_per_split)
             parts = torch.empty(splits, g.c_in, g.c_out, g.ksize, g.ksize, device=y.device, dtype=torch.float32)
             launch(convt_weight_grad_kernel,
                    (triton.cdiv(g.c_in, blocks.block_m), triton.cdiv(g.c_out, blocks.block_n),
@@ -236,6 +254,6 @@ def conv_transpose_bn_relu_inference(x: torch.Tensor, weight: torch.Tensor, gamm
     """Eval-mode block: BatchNorm's running statistics folded into W and a bias, one GEMM launch."""
     dtype = _compute_dtype(x)
     folded, bias = fold_batchnorm(weight.float(), gamma.float(), beta.float(), running_mean, running_var, eps)
-    xc, wc = x.to(dtype), folded.to(dtype)
+    xc, wc = x.to(dtype), _gemm_weight(folded, dtype)
     g = _geometry(xc, wc, stride, padding)
     return _conv_forward(xc, wc, g, dtype, bias=bias.contiguous())[0]
