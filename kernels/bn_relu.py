@@ -25,24 +25,37 @@ def bn_finalize_kernel(
     psum_ptr, pm2_ptr, gamma_ptr, beta_ptr, running_mean_ptr, running_var_ptr,
     mean_ptr, rstd_ptr, scale_ptr, shift_ptr,
     C, PHASES, M_TILES, ROWS_PER_PHASE, TILE_ROWS, momentum, eps,
-    UPDATE_RUNNING: tl.constexpr, BLOCK_C: tl.constexpr,
+    UPDATE_RUNNING: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    """Merge the GEMM tiles' (sum, M2) into each channel's mean and variance: chunks of BLOCK_P tiles
+    at once (a 2-d load, coalesced along channels), each chunk folded into the running result with
+    Chan's pairwise formula, so thousands of tiles cost tens of iterations."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     parts = PHASES * M_TILES
-    total = (ROWS_PER_PHASE * PHASES).to(tl.float32)
-    s = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for i in range(parts):
-        s += tl.load(psum_ptr + i * C + c, mask=c_ok, other=0.0)
-    mean = s / total
+    count = 0.0
+    mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
     m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for i in range(parts):
-        tile = i % M_TILES
-        count = tl.minimum(ROWS_PER_PHASE - tile * TILE_ROWS, TILE_ROWS).to(tl.float32)
-        tile_mean = tl.load(psum_ptr + i * C + c, mask=c_ok, other=0.0) / count
-        delta = tile_mean - mean
-        m2 += tl.load(pm2_ptr + i * C + c, mask=c_ok, other=0.0) + count * delta * delta
-    var = m2 / total
+    for p0 in range(0, parts, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        p_ok = p < parts
+        tile = p % M_TILES
+        tile_count = tl.where(p_ok, tl.minimum(ROWS_PER_PHASE - tile * TILE_ROWS, TILE_ROWS), 0).to(tl.float32)
+        ok = p_ok[:, None] & c_ok[None, :]
+        offs = p[:, None] * C + c[None, :]
+        tile_sum = tl.load(psum_ptr + offs, mask=ok, other=0.0)
+        tile_m2 = tl.load(pm2_ptr + offs, mask=ok, other=0.0)
+        chunk_count = tl.sum(tile_count, axis=0)
+        chunk_mean = tl.sum(tile_sum, axis=0) / chunk_count
+        tile_mean = tile_sum / tl.maximum(tile_count, 1.0)[:, None]
+        spread = tl.where(ok, tile_mean - chunk_mean[None, :], 0.0)
+        chunk_m2 = tl.sum(tile_m2 + tile_count[:, None] * spread * spread, axis=0)
+        merged = count + chunk_count
+        delta = chunk_mean - mean
+        mean += delta * (chunk_count / merged)
+        m2 += chunk_m2 + delta * delta * (count * chunk_count / merged)
+        count = merged
+    var = m2 / count
     rstd = 1.0 / tl.sqrt(var + eps)
     gamma = tl.load(gamma_ptr + c, mask=c_ok, other=1.0).to(tl.float32)
     beta = tl.load(beta_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
@@ -53,7 +66,7 @@ def bn_finalize_kernel(
     tl.store(shift_ptr + c, beta - mean * scale, mask=c_ok)
     if UPDATE_RUNNING:
         # running_var takes the unbiased variance, as nn.BatchNorm2d does
-        unbiased = m2 / tl.maximum(total - 1.0, 1.0)
+        unbiased = m2 / tl.maximum(count - 1.0, 1.0)
         rm = tl.load(running_mean_ptr + c, mask=c_ok, other=0.0)
         rv = tl.load(running_var_ptr + c, mask=c_ok, other=1.0)
         tl.store(running_mean_ptr + c, (1.0 - momentum) * rm + momentum * mean, mask=c_ok)

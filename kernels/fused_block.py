@@ -164,13 +164,14 @@ class ConvTransposeBNReLU(torch.autograd.Function):
         mean = torch.empty(g.c_out, device=x.device, dtype=torch.float32)
         rstd, scale, shift = torch.empty_like(mean), torch.empty_like(mean), torch.empty_like(mean)
         update = running_mean is not None and running_var is not None
-        block_c = elementwise_block(g.c_out) if interpreting() else 128
         s = g.phase_stride
+        block_c = min(triton.next_power_of_2(g.c_out), 512 if interpreting() else 32)
+        block_p = min(triton.next_power_of_2(s * s * m_tiles), 4096 if interpreting() else 64)
         launch(bn_finalize_kernel, (triton.cdiv(g.c_out, block_c),),
                [psum, pm2, gamma, beta, running_mean if update else mean, running_var if update else mean,
                 mean, rstd, scale, shift, g.c_out, s * s, m_tiles, g.rows_per_phase, block_m,
                 float(momentum), float(eps)],
-               dict(UPDATE_RUNNING=update, BLOCK_C=block_c), 4, 1)
+               dict(UPDATE_RUNNING=update, BLOCK_P=block_p, BLOCK_C=block_c), 4, 1)
 
         out = torch.empty_like(y)
         grid, block = _elementwise_grid(y.numel())

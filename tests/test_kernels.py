@@ -199,3 +199,35 @@ def test_dcgan_train_with_fused_kernels(fashion_shards, tmp_path):
     z = torch.rand(8, fused_cfg.z_dim) * 2 - 1
     assert fused_cfg.fused_kernels
     assert rel_err(generate(fused, z).double(), generate(plain, z).double()) < 1e-5
+
+
+def test_statistics_merge_across_chunks_without_cancellation():
+    """The finalize kernel merges per-tile (sum, M2) in chunks; with a mean of 1000 and unit variance,
+    fp32 E[x^2] - E[x]^2 would lose the variance entirely (1e6 vs 1); the merge must not."""
+    import triton
+
+    from kernels.bn_relu import bn_finalize_kernel
+    from kernels.launch import launch
+
+    phases, rows_per_phase, tile_rows, channels = 4, 50, 8, 5
+    m_tiles = triton.cdiv(rows_per_phase, tile_rows)
+    data = (1000 + torch.randn(phases, rows_per_phase, channels, dtype=torch.float64)).to(DEVICE)
+    psum = torch.zeros(phases * m_tiles, channels, dtype=torch.float64, device=DEVICE)
+    pm2 = torch.zeros_like(psum)
+    for ph in range(phases):
+        for t in range(m_tiles):
+            tile = data[ph, t * tile_rows:(t + 1) * tile_rows]
+            psum[ph * m_tiles + t] = tile.sum(0)
+            pm2[ph * m_tiles + t] = ((tile - tile.mean(0)) ** 2).sum(0)
+    gamma, beta = torch.rand(channels, device=DEVICE) + 0.5, torch.randn(channels, device=DEVICE)
+    running_mean, running_var = torch.zeros(channels, device=DEVICE), torch.ones(channels, device=DEVICE)
+    mean, rstd, scale, shift = (torch.empty(channels, device=DEVICE) for _ in range(4))
+    launch(bn_finalize_kernel, (1,), [psum.float(), pm2.float(), gamma, beta, running_mean, running_var, mean, rstd,
+                                      scale, shift, channels, phases, m_tiles, rows_per_phase, tile_rows, 0.1, 1e-5],
+           dict(UPDATE_RUNNING=True, BLOCK_P=16, BLOCK_C=8), 4, 1)  # 28 tiles: two chunks, the last one partial
+    flat = data.reshape(-1, channels)
+    var = flat.var(0, unbiased=False)
+    assert torch.allclose(mean.double(), flat.mean(0), rtol=1e-6)
+    assert torch.allclose(rstd.double(), 1 / torch.sqrt(var + 1e-5), rtol=1e-3)
+    assert torch.allclose(running_var.double(), 0.9 + 0.1 * flat.var(0, unbiased=True), rtol=1e-3)
+    assert torch.allclose(scale.double(), gamma.double() * rstd.double(), rtol=1e-6)
