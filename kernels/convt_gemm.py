@@ -19,6 +19,13 @@ import triton.language as tl
 
 
 @triton.jit
+def _pixels(rows, H, W):
+    """GEMM row indices -> (image, y, x) of a batch of H x W images."""
+    p = rows % (H * W)
+    return rows // (H * W), p // W, p % W
+
+
+@triton.jit
 def convt_phase_fwd_kernel(
     x_ptr, w_ptr, y_ptr, bias_ptr, psum_ptr, pm2_ptr,
     N, C_IN, H, W, C_OUT, HQ, WQ,
@@ -50,10 +57,7 @@ def convt_phase_fwd_kernel(
     rows_per_phase = N * HQ * WQ
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < rows_per_phase
-    n = rows // (HQ * WQ)
-    q = rows % (HQ * WQ)
-    qy = q // WQ
-    qx = q % WQ
+    n, qy, qx = _pixels(rows, HQ, WQ)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < C_OUT
     ks = tl.arange(0, BLOCK_K)
@@ -116,10 +120,7 @@ def convt_input_grad_kernel(
     pid_n = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N * H * W
-    n = rows // (H * W)
-    p = rows % (H * W)
-    iy = p // W
-    ix = p % W
+    n, iy, ix = _pixels(rows, H, W)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < C_IN
     ks = tl.arange(0, BLOCK_K)
@@ -178,10 +179,7 @@ def convt_weight_grad_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(first, last, BLOCK_K):
         rows = r0 + tl.arange(0, BLOCK_K)
-        n = rows // (H * W)
-        p = rows % (H * W)
-        iy = p // W
-        ix = p % W
+        n, iy, ix = _pixels(rows, H, W)
         oy = iy * STRIDE - PAD + ky
         ox = ix * STRIDE - PAD + kx
         r_ok = (rows < last) & (oy >= 0) & (oy < H_OUT) & (ox >= 0) & (ox < W_OUT)
