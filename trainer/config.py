@@ -83,6 +83,15 @@ class MetricsConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Sample quality measured while training, on rank 0 (the other ranks wait at their next step)."""
+
+    fid_every: int = 0  # steps between FID/KID measurements; 0: never (InceptionV3: ~0.5 s per image on a CPU)
+    fid_samples: int = 1000  # generated images per measurement, and reference images (cached per shard set)
+    fid_reference: str = ""  # the shard set to compare with; "": data.shards
+
+
+@dataclass
 class ClusterConfig:
     """Where the ranks run when training goes through Ray (the trainer itself never reads this)."""
 
@@ -102,6 +111,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -134,6 +144,8 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "logging.log_every": (lambda v: v >= 1, ">= 1"),
     "logging.sample_every": (lambda v: v >= 1, ">= 1"),
     "metrics.port": (lambda v: 1024 <= v <= 65535 - 100, "in [1024, 65435] (ranks take the ports above it)"),
+    "eval.fid_every": (lambda v: v >= 0, ">= 0 (0: never)"),
+    "eval.fid_samples": (lambda v: v >= 2, ">= 2 (KID compares pairs)"),
     "cluster.workers": (lambda v: v >= 0, ">= 0 (0: automatic)"),
     "cluster.cpus_per_worker": (lambda v: v >= 0, ">= 0 (0: automatic)"),
     "cluster.gpus_per_worker": (lambda v: v == -1 or v >= 0, ">= 0, or -1 for automatic"),

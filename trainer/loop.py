@@ -17,6 +17,7 @@ from trainer.engines import GanEngines, build_engines
 from trainer.metrics import MetricsLog, StepMeter
 from trainer.models import build_models, fused_kernels_unavailable, sample_z
 from trainer.precision import Precision
+from trainer.quality import QualityProbe
 from trainer.sampling import generate, save_grid
 from trainer.step import GanStep, NonFiniteLoss
 from trainer.telemetry import NoMetrics, open_metrics
@@ -63,6 +64,8 @@ class Trainer:
         self.step_hooks: list[StepHook] = []
         self.metrics = NoMetrics()  # served while fit() runs
         self.state = TrainState()
+        self.quality = QualityProbe(cfg, self.ctx.device) if cfg.eval.fid_every and self.ctx.is_main else None
+        self.pending_quality: dict[str, float] = {}  # joins the next metrics.jsonl record
         self.step_fn = GanStep(self.engines, self.precision, cfg.model, self.ctx, self.noise,
                                cfg.checkpoint.on_nonfinite)
 
@@ -105,6 +108,15 @@ class Trainer:
             images = generate(self.engines.generator.module, self.fixed_z)
             save_grid(images, self.run_dir / "samples" / f"step-{self.state.step:08d}.png", nrow=8)
 
+    def measure_quality(self, log: MetricsLog) -> None:
+        self._sync_batchnorm()
+        if self.quality is not None:
+            scores = self.quality.measure(self.engines.generator.module)
+            self.pending_quality = scores
+            self.metrics.on_quality(scores)
+            log.message(f"step {self.state.step}: FID {scores['fid']:.2f}, KID {scores['kid']:.4f} "
+                        f"({self.cfg.eval.fid_samples} samples, {scores['fid_seconds']:.0f} s)")
+
     def _sync_batchnorm(self) -> None:
         for _, engine in self.engines.items():
             average_batchnorm_stats(engine.module)
@@ -127,10 +139,13 @@ class Trainer:
             log.message(f"step {step}: non-finite loss, step skipped")
         else:
             meter.add(stats, cfg.optim.batch_size, waited)
+        if cfg.eval.fid_every and step % cfg.eval.fid_every == 0:
+            self.measure_quality(log)
         if step % cfg.logging.log_every == 0 and meter.steps:
             summary = meter.summary()
             log.write({"step": step, "epoch": self.state.epoch, "time": time.time(), **summary,
-                       "skipped_samples": self.loader.skipped})
+                       "skipped_samples": self.loader.skipped, **self.pending_quality})
+            self.pending_quality = {}
             self.metrics.on_window(summary, step, self.state.epoch, self.state.restarts, self.loader.skipped,
                                    *self._optimiser_state())
             meter.reset()

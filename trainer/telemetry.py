@@ -85,6 +85,8 @@ class RankMetrics:
                             ("kind",))
         self.restarts = gauge("dcgan_restarts", "Times this run was resumed from a checkpoint "
                                                 "(worker-group restarts and continued runs)")
+        self.fid = gauge("dcgan_fid", "FID of eval.fid_samples generated images against the reference shards")
+        self.kid = gauge("dcgan_kid", "KID (unbiased MMD^2, cubic kernel) of the same samples")
         self.epoch = gauge("dcgan_epoch", "Current epoch")
         self.step = gauge("dcgan_step", "Optimiser steps completed")
 
@@ -160,6 +162,11 @@ class RankMetrics:
             self.memory.labels(**lab, kind=kind).set(value)
 
 
+    def on_quality(self, scores: Mapping[str, float]) -> None:
+        self.fid.labels(**self.labels).set(scores["fid"])
+        self.kid.labels(**self.labels).set(scores["kid"])
+
+
 class NoMetrics:
     """metrics.enabled = false: the same calls, nothing served."""
 
@@ -169,6 +176,7 @@ class NoMetrics:
     def on_skipped_step(self) -> None: ...
     def on_checkpoint(self, seconds: float) -> None: ...
     def on_window(self, *args: Any, **kwargs: Any) -> None: ...
+    def on_quality(self, scores: Mapping[str, float]) -> None: ...
     def close(self) -> None: ...
 
 
