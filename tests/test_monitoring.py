@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -63,9 +64,29 @@ def _query(url: str, expr: str, at: float | None = None) -> list[dict]:
     return body["data"]["result"]
 
 
-def _dashboard_queries() -> list[tuple[str, str]]:
+QUALITY = ("dcgan_fid", "dcgan_kid")  # filled only with eval.fid_every: checked against the exporter below
+
+
+def _dashboard_queries(with_quality: bool = False) -> list[tuple[str, str]]:
     panels = json.loads(DASHBOARD.read_text())["panels"]
-    return [(p["title"], t["expr"]) for p in panels for t in p["targets"]]
+    return [(p["title"], t["expr"]) for p in panels for t in p["targets"]
+            if with_quality or not any(m in t["expr"] for m in QUALITY)]
+
+
+def test_every_dashboard_metric_is_exported(tmp_path):
+    """Each metric name a panel queries (FID/KID included) appears on a rank's /metrics."""
+    metrics = RankMetrics(MetricsConfig(port=free_port(), targets_dir=str(tmp_path)), "names", rank=0, local_rank=0,
+                          run_dir=tmp_path / "names")
+    try:
+        metrics.on_quality({"fid": 81.2, "kid": 0.044})
+        body = urllib.request.urlopen(f"http://127.0.0.1:{metrics.port}/metrics").read().decode()
+    finally:
+        metrics.close()
+    exported = {line.split()[2] for line in body.splitlines() if line.startswith("# TYPE")}
+    exported |= {f"{name}_{suffix}" for name in exported for suffix in ("total", "bucket", "sum", "count")}
+    queried = {name for _, expr in _dashboard_queries(with_quality=True) for name in re.findall(r"dcgan_[a-z_]+", expr)}
+    assert queried and queried <= exported, queried - exported
+    assert 'dcgan_fid{node="' in body and body.count("81.2") == 1
 
 
 @pytest.fixture()
