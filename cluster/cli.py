@@ -21,10 +21,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from data_shards.sources.lsun_lmdb import SourceMissing
     from trainer.checkpoint_io import CheckpointError
     from trainer.config import ConfigError
+    from trainer.eval_data import EvalError
     from trainer.step import NonFiniteLoss
 
     return (ConfigError, ShardSetError, CheckpointError, DatasetMissing, IdxError, NonFiniteLoss, ConversionError,
-            SourceMissing, ClusterError, MonitorError)
+            SourceMissing, ClusterError, MonitorError, EvalError)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -84,36 +85,15 @@ def _train_here(cfg, args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from trainer.checkpoint import load_generator_weights
-    from trainer.config import config_from_dict
-    from trainer.models import Generator, sample_z
+    from trainer.eval_data import load_generator
+    from trainer.models import sample_z
     from trainer.sampling import generate, save_grid
 
-    config, weights = load_generator_weights(args.checkpoint)
-    cfg = config_from_dict(config)
-    generator = Generator(cfg.model)
-    generator.load_state_dict(weights)
+    cfg, generator = load_generator(args.checkpoint)
     z = sample_z(args.n, cfg.model, torch.Generator().manual_seed(args.seed))
     out = save_grid(generate(generator, z), args.out, nrow=args.nrow)
     print(f"wrote {args.n} samples to {out}")
     return 0
-
-
-def _eval_errors(func):
-    """One line, not a traceback, for what the evaluation tools refuse (EvalError is not in _user_errors)."""
-    import functools
-
-    @functools.wraps(func)
-    def wrapper(args: argparse.Namespace) -> int:
-        from trainer.eval_data import EvalError
-
-        try:
-            return func(args)
-        except EvalError as e:
-            print(f"dcgan: error: {e}", file=sys.stderr)
-            return 2
-
-    return wrapper
 
 
 _INTERPOLATE_ONLY = ("k", "steps", "gif", "slerp")
@@ -133,7 +113,6 @@ def cmd_sample_modes(args: argparse.Namespace) -> int:
         args.mode](args)
 
 
-@_eval_errors
 def cmd_sample_interpolate(args: argparse.Namespace) -> int:
     from trainer.eval_data import load_generator
     from trainer.latent import interpolation, save_gif, walk_frames
@@ -149,7 +128,6 @@ def cmd_sample_interpolate(args: argparse.Namespace) -> int:
     return 0
 
 
-@_eval_errors
 def cmd_sample_arithmetic(args: argparse.Namespace) -> int:
     from trainer.eval_data import EvalError, load_generator
     from trainer.latent import PAPER_NOISE, arithmetic_grid, parse_indices, vector_arithmetic
@@ -179,7 +157,6 @@ def _sources(text: str) -> tuple[str, ...]:
     return tuple(names[p] for p in picked)
 
 
-@_eval_errors
 def cmd_eval_features(args: argparse.Namespace) -> int:
     from trainer.eval_data import load_checkpoint_config
     from trainer.features import FeatureEvalOptions, markdown_table, run_feature_eval, write_report
@@ -199,7 +176,6 @@ def cmd_eval_features(args: argparse.Namespace) -> int:
     return 0
 
 
-@_eval_errors
 def cmd_eval_fid(args: argparse.Namespace) -> int:
     import json
 
@@ -287,7 +263,9 @@ def cmd_bench_kernels(args: argparse.Namespace) -> int:
     # the benchmarks live beside the package in a checkout (they write benchmarks/results/ there)
     root = Path(__file__).resolve().parents[1]
     if not (root / "benchmarks" / "kernels.py").is_file():
-        raise FileNotFoundError("dcgan bench runs from a source checkout (benchmarks/kernels.py not found)")
+        print("dcgan: error: dcgan bench runs from a source checkout (benchmarks/kernels.py not found)",
+              file=sys.stderr)
+        return 2
     sys.path.insert(0, str(root))
     from benchmarks.kernels import main as bench_kernels
 

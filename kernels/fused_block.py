@@ -74,8 +74,7 @@ def unsupported_reason(x: torch.Tensor, weight: torch.Tensor, stride: int, paddi
     """Why the fused kernels cannot run this block (None: they can)."""
     if x.dim() != 4 or weight.dim() != 4 or weight.shape[2] != weight.shape[3]:
         return "needs 4-d input and a square kernel"
-    geometry = Geometry(x.shape[0], x.shape[1], x.shape[2], x.shape[3], weight.shape[1], weight.shape[2],
-                        stride, padding)
+    geometry = _geometry(x, weight, stride, padding)
     s = geometry.phase_stride
     if geometry.ksize % s or geometry.h_out % s or geometry.w_out % s:
         return f"kernel {geometry.ksize}, stride {stride}, padding {padding} has no even stride-phase split"

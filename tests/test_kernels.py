@@ -21,8 +21,8 @@ from torch import nn
 from kernels.dispatch import block_unsupported, conv_transpose_bn_relu
 from kernels.shapes import generator_blocks
 from tests.conftest import ROOT, run_dcgan, tiny_train_args
-from trainer.checkpoint import load_generator_weights
-from trainer.config import ModelConfig, config_from_dict
+from trainer.config import ModelConfig
+from trainer.eval_data import load_generator
 from trainer.models import Generator, build_models, fused_kernels_unavailable
 from trainer.sampling import generate
 
@@ -190,12 +190,11 @@ def test_dcgan_train_with_fused_kernels(fashion_shards, tmp_path):
     assert "fused_kernels" not in res.stdout  # no fallback note: the kernels ran
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 4 and all(math.isfinite(r["loss_g"]) for r in records)
-    config, weights = load_generator_weights(run)
-    fused_cfg, plain_cfg = config_from_dict(config).model, config_from_dict(config).model
+    cfg, fused = load_generator(run)
+    fused_cfg, plain_cfg = cfg.model, copy.deepcopy(cfg.model)
     plain_cfg.fused_kernels = False
-    fused, plain = Generator(fused_cfg), Generator(plain_cfg)
-    fused.load_state_dict(weights)
-    plain.load_state_dict(weights)
+    plain = Generator(plain_cfg)
+    plain.load_state_dict(fused.state_dict())
     z = torch.rand(8, fused_cfg.z_dim) * 2 - 1
     assert fused_cfg.fused_kernels
     assert rel_err(generate(fused, z).double(), generate(plain, z).double()) < 1e-5

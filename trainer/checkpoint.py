@@ -172,11 +172,14 @@ class Checkpointer(CheckpointStore):
         return final
 
 
-def load_generator_weights(checkpoint: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(the run's config, G's state_dict) from a checkpoint, without DeepSpeed or a process group."""
+def load_module_weights(checkpoint: str | Path, tag: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(the run's config, the state_dict of net `tag`: "generator" or "discriminator") from a
+    checkpoint folder, or a run folder's newest, without DeepSpeed or a process group."""
     checkpoint = resolve_checkpoint(checkpoint)
     meta = read_meta(checkpoint)
-    files = sorted((checkpoint / "generator").glob("mp_rank_*_model_states.pt"))
+    if "config" not in meta:
+        raise CheckpointError(f"{checkpoint}: {META_NAME} holds no config")
+    files = sorted((checkpoint / tag).glob("mp_rank_*_model_states.pt"))
     if not files:
-        raise CheckpointError(f"{checkpoint}/generator holds no model states")
+        raise CheckpointError(f"{checkpoint}/{tag} holds no model states")
     return meta["config"], safe_load(files[0])["module"]

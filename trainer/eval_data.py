@@ -21,8 +21,8 @@ from data_shards.loader import to_model_range as loader_range
 from data_shards.sources.fashion_mnist import DEFAULT_DIR as FASHION_MNIST_DIR
 from data_shards.sources.fashion_mnist import DatasetMissing, load_split
 from data_shards.transform import center_crop_resize
-from trainer.checkpoint import read_meta, resolve_checkpoint
-from trainer.checkpoint_io import CheckpointError, safe_load
+from trainer.checkpoint import load_module_weights, read_meta, resolve_checkpoint
+from trainer.checkpoint_io import CheckpointError
 from trainer.config import Config, ModelConfig, config_from_dict
 from trainer.models import Discriminator, Generator
 
@@ -106,13 +106,6 @@ def load_mnist_split(model: ModelConfig, n_train: int = 8000, seed: int = 0, roo
     return data.subset(np.sort(order[:n_train])), data.subset(np.sort(order[n_train:]))
 
 
-def _module_weights(checkpoint: Path, tag: str) -> dict[str, torch.Tensor]:
-    files = sorted((checkpoint / tag).glob("mp_rank_*_model_states.pt"))
-    if not files:
-        raise CheckpointError(f"{checkpoint}/{tag} holds no model states")
-    return safe_load(files[0])["module"]
-
-
 def load_checkpoint_config(checkpoint: str | Path) -> tuple[Path, Config]:
     """The resolved checkpoint folder (a run folder gives its newest) and the run's config."""
     folder = resolve_checkpoint(_existing(checkpoint))
@@ -124,17 +117,19 @@ def load_checkpoint_config(checkpoint: str | Path) -> tuple[Path, Config]:
 
 def load_generator(checkpoint: str | Path) -> tuple[Config, Generator]:
     """G with the checkpoint's weights, in eval mode, on CPU (no DeepSpeed, no process group)."""
-    folder, cfg = load_checkpoint_config(checkpoint)
+    config, weights = load_module_weights(_existing(checkpoint), "generator")
+    cfg = config_from_dict(config)
     generator = Generator(cfg.model)
-    generator.load_state_dict(_module_weights(folder, "generator"))
+    generator.load_state_dict(weights)
     return cfg, generator.eval()
 
 
 def load_discriminator(checkpoint: str | Path) -> tuple[Config, Discriminator]:
     """D with the checkpoint's weights, in eval mode (BatchNorm uses the saved running statistics)."""
-    folder, cfg = load_checkpoint_config(checkpoint)
+    config, weights = load_module_weights(_existing(checkpoint), "discriminator")
+    cfg = config_from_dict(config)
     discriminator = Discriminator(cfg.model)
-    discriminator.load_state_dict(_module_weights(folder, "discriminator"))
+    discriminator.load_state_dict(weights)
     return cfg, discriminator.eval()
 
 

