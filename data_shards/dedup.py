@@ -10,7 +10,8 @@ most `max_hamming` bits. Bucketing keeps the pass linear in the number of images
 group of duplicates, the first key in source order is kept; the others are listed, with the
 key they duplicate, for `dcgan data convert --skip-keys`.
 
-Exact duplicates (equal decoded pixels) are removed by conversion itself, always.
+Exact duplicates (equal decoded pixels) are removed by conversion itself, always. Items that do
+not decode are left out of the search and listed with their reason (`skipped` in the list).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from data_shards.convert import ConversionError
 from data_shards.manifest import atomic_write_bytes
 from data_shards.sources import Source
 from data_shards.transform import UndecodableImage, center_crop_resize, decode_image
@@ -75,12 +77,15 @@ def crop_vector(value: bytes | np.ndarray) -> np.ndarray:
     return center_crop_resize(pixels, CROP).reshape(-1).astype(np.float32) / 255.0
 
 
-def _read_all(source: Source, first_key: str, count: int) -> Iterator[tuple[str, np.ndarray | None]]:
+def _read_all(source: Source, first_key: str, count: int, skipped: dict[str, str]) -> Iterator[tuple[str, np.ndarray]]:
+    """(key, crop) of each item that decodes; the others land in `skipped` as key -> reason."""
     for key, value, _ in source.read(first_key, count):
         try:
-            yield key, crop_vector(value)
-        except UndecodableImage:
-            yield key, None
+            crop = crop_vector(value)
+        except UndecodableImage as e:
+            skipped[key] = str(e)
+            continue
+        yield key, crop
 
 
 def _ranges(source: Source, size: int) -> list[tuple[str, int]]:
@@ -135,15 +140,14 @@ def _init(source: Source, model_state: dict, thresholds: np.ndarray) -> None:
     _WORKER.update(source=source, model=model, thresholds=thresholds)
 
 
-def _hash_range(job: tuple[str, int]) -> tuple[list[str], np.ndarray, np.ndarray]:
-    keys, crops = [], []
-    for key, crop in _read_all(_WORKER["source"], *job):
-        if crop is not None:
-            keys.append(key)
-            crops.append(crop)
+def _hash_range(job: tuple[str, int]) -> tuple[list[str], np.ndarray, np.ndarray, dict[str, str]]:
+    keys, crops, skipped = [], [], {}
+    for key, crop in _read_all(_WORKER["source"], *job, skipped):
+        keys.append(key)
+        crops.append(crop)
     if not crops:
-        return keys, np.zeros((0, 16), np.uint8), np.zeros((0, 128), np.float16)
-    return (keys, *hash_codes(_WORKER["model"], _WORKER["thresholds"], np.stack(crops)))
+        return keys, np.zeros((0, 16), np.uint8), np.zeros((0, 128), np.float16), skipped
+    return (keys, *hash_codes(_WORKER["model"], _WORKER["thresholds"], np.stack(crops)), skipped)
 
 
 def group_duplicates(keys: list[str], hashes: np.ndarray, codes: np.ndarray, opts: DedupOptions,
@@ -184,27 +188,42 @@ def group_duplicates(keys: list[str], hashes: np.ndarray, codes: np.ndarray, opt
     return {keys[i]: keys[find(i)] for i in range(len(keys)) if find(i) != i}
 
 
-def find_near_duplicates(source: Source, opts: DedupOptions, progress: bool = False) -> dict[str, str]:
+class NearDuplicates(dict[str, str]):
+    """duplicate key -> the key it duplicates, and `skipped`: key -> reason for each item that did
+    not decode (left out of the search; conversion skips it again with the same reason)."""
+
+    def __init__(self, duplicates: dict[str, str], skipped: dict[str, str]):
+        super().__init__(duplicates)
+        self.skipped = skipped
+
+
+def find_near_duplicates(source: Source, opts: DedupOptions, progress: bool = False) -> NearDuplicates:
     ranges = _ranges(source, 2000)
     total = sum(c for _, c in ranges)
     # the training sample: evenly spaced slices of the key space, decoded in the main process
     take = min(opts.train_samples, total)
     per_range = max(1, take // len(ranges))
-    sample = [c for first, count in ranges for _, c in _read_all(source, first, min(per_range, count))
-              if c is not None]
+    sample_skipped: dict[str, str] = {}  # the workers read these keys again and report them
+    sample = [c for first, count in ranges for _, c in _read_all(source, first, min(per_range, count), sample_skipped)]
+    if not sample:
+        raise ConversionError(f"none of the {len(sample_skipped)} items sampled from {source.describe()} decode; "
+                              f"first reason: {next(iter(sample_skipped.values()), 'none')}")
     model, thresholds = train_autoencoder(np.stack(sample), opts)
     workers = max(1, min(opts.workers or os.cpu_count() or 1, len(ranges)))
     with multiprocessing.get_context("fork").Pool(workers, _init, (source, model.state_dict(), thresholds)) as pool:
         parts = pool.map(_hash_range, ranges)  # map keeps source order, which decides who is kept
-    keys = [k for part_keys, _, _ in parts for k in part_keys]
-    hashes = np.concatenate([h for _, h, _ in parts])
-    codes = np.concatenate([c for _, _, c in parts])
-    return group_duplicates(keys, hashes, codes, opts)
+    keys = [k for part_keys, _, _, _ in parts for k in part_keys]
+    hashes = np.concatenate([h for _, h, _, _ in parts])
+    codes = np.concatenate([c for _, _, c, _ in parts])
+    skipped = {k: reason for *_, part_skipped in parts for k, reason in part_skipped.items()}
+    return NearDuplicates(group_duplicates(keys, hashes, codes, opts), skipped)
 
 
 def write_duplicate_list(path: str | Path, duplicates: dict[str, str], source: Source, opts: DedupOptions) -> None:
+    skipped = getattr(duplicates, "skipped", {})
     data = {"source": source.describe(), "options": vars(opts),
-            "duplicates": [{"key": k, "of": v, "method": "semantic-hash"} for k, v in duplicates.items()]}
+            "duplicates": [{"key": k, "of": v, "method": "semantic-hash"} for k, v in duplicates.items()],
+            "skipped": [{"key": k, "reason": reason} for k, reason in skipped.items()]}
     atomic_write_bytes(Path(path), json.dumps(data, indent=1).encode())
 
 

@@ -28,7 +28,7 @@ import torch
 import webdataset as wds
 
 from data_shards.manifest import Manifest, ShardSetError, read_manifest_for
-from data_shards.transform import EXTENSIONS, decode_stored
+from data_shards.transform import EXTENSIONS, UndecodableImage, decode_stored
 
 
 def _stream_seed(*parts: int) -> int:
@@ -143,7 +143,9 @@ class ShardLoader:
         for sample in samples:
             try:
                 batch.append(self._decode(sample))
-            except Exception:  # an undecodable or missing image: counted, never fatal
+            except (UndecodableImage, KeyError, ValueError):
+                # an undecodable image, a sample without one, a label that is no int: counted, never
+                # fatal; any other exception is a bug, not damaged data, and must not be counted away
                 skipped += 1
                 continue
             if len(batch) == self.batch_size:

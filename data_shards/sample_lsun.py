@@ -81,6 +81,23 @@ def _encode(image: Image.Image, fmt: str, quality: int) -> bytes:
     return buf.getvalue()
 
 
+CORRUPT_KINDS = ("zero-byte value", "bytes that are no image", "value cut to a third", "JPEG cut mid-stream")
+
+
+def _corrupt_value(i: int, good: bytes) -> bytes:
+    """The i-th planted corrupt value, of kind CORRUPT_KINDS[i % 4]."""
+    kind = i % len(CORRUPT_KINDS)
+    if kind == 0:
+        return b""
+    if kind == 1:
+        return b"this is not an image"
+    if kind == 2:
+        return good[: len(good) // 3]
+    # what crawled data holds: Pillow opens it (the header is whole) and fails only when decoding
+    jpeg = _encode(Image.open(io.BytesIO(good)).convert("RGB"), "JPEG", 90) if good else b""
+    return jpeg[: len(jpeg) // 2]
+
+
 def _key(i: int) -> str:
     # LSUN keys are 40-hex-digit ids, so LMDB order is unrelated to insertion order
     return hashlib.sha1(f"dcgan-scale-sample-{i}".encode()).hexdigest()
@@ -131,7 +148,7 @@ def build_sample_lsun(out: str | Path, n: int, *, seed: int = 0, image_format: s
                 count += 1
             good = txn.get(_key(0).encode()) if n else b""
             for i in range(corrupt):
-                txn.put(_key(count).encode(), [b"", b"this is not an image", good[: len(good) // 3]][i % 3])
+                txn.put(_key(count).encode(), _corrupt_value(i, good))
                 planted.corrupt.append(_key(count))
                 count += 1
     finally:

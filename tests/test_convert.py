@@ -29,9 +29,9 @@ def test_lsun_conversion_counts_and_manifest(lsun_lmdb, tmp_path):
     total_source = 600 + 60 + 6 + 6
     reasons = {s["key"]: s["reason"] for s in m.skipped}
     assert set(planted.corrupt) <= set(reasons)
-    # planted in turn: a zero-byte value, bytes that are no image, a truncated WebP
+    # planted in turn: a zero-byte value, bytes that are no image, a truncated WebP, a JPEG cut mid-stream
     for i, key in enumerate(planted.corrupt):
-        assert reasons[key].startswith("zero-byte value" if i % 3 == 0 else "undecodable image"), reasons[key]
+        assert reasons[key].startswith("zero-byte value" if i % 4 == 0 else "undecodable image"), reasons[key]
     for copy, original in planted.exact_duplicates.items():
         # exactly one of each pair survives, whichever comes first in key order
         assert reasons.get(copy, reasons.get(original, "")).startswith("exact duplicate of")

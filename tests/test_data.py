@@ -143,16 +143,24 @@ def test_shard_set_errors(tmp_path):
 
 
 def test_corrupt_sample_is_skipped_and_counted(tmp_path):
+    import io
+
+    from PIL import Image
+
     from data_shards.transform import encode
 
     good = encode(np.zeros((32, 32, 1), np.uint8), "png")
-    samples = [(f"k{i}", {"png": b"not a png" if i == 5 else b"" if i == 6 else good, "cls": b"0"}) for i in range(30)]
+    noise = encode(np.random.default_rng(0).integers(0, 256, (32, 32, 1), dtype=np.uint8), "png")
+    cut = noise[: len(noise) // 2]  # a stored PNG cut mid-stream: it opens, and fails only when decoded
+    Image.open(io.BytesIO(cut))
+    bad = {5: b"not a png", 6: b"", 7: cut}
+    samples = [(f"k{i}", {"png": bad.get(i, good), "cls": b"0"}) for i in range(30)]
     info = write_shard(tmp_path / "shard-000000.tar", samples)
     write_manifest(tmp_path, Manifest(source={}, transform={"resolution": 32, "channels": 1}, encoding="png",
                                       shards=[info]))
-    ld = loader(tmp_path, batch=28, buffer=0)
+    ld = loader(tmp_path, batch=27, buffer=0)
     batches = list(ld.batches(0))
-    assert len(batches) == 1 and ld.skipped == 2
+    assert len(batches) == 1 and ld.skipped == 3
 
 
 def test_truncated_shard_is_counted_and_ranks_keep_their_step_count(tmp_path):
