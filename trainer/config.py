@@ -53,7 +53,9 @@ class OptimConfig:
 
 @dataclass
 class PrecisionConfig:
-    dtype: str = "fp32"  # fp32 | bf16 | fp16 (fp16: CUDA only, one loss scaler per engine)
+    # auto | fp32 | bf16 | fp16; auto: what this machine runs fast (trainer/precision.py), and the run
+    # records what it resolved to. fp16: CUDA only, one loss scaler per engine
+    dtype: str = "auto"
     zero_stage: int = 0
 
 
@@ -136,7 +138,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "optim.beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "optim.epochs": (lambda v: v >= 1, ">= 1"),
     "optim.max_steps": (lambda v: v >= 0, ">= 0 (0: run `epochs`)"),
-    "precision.dtype": (lambda v: v in ("fp32", "bf16", "fp16"), "one of 'fp32', 'bf16', 'fp16'"),
+    "precision.dtype": (lambda v: v in ("auto", "fp32", "bf16", "fp16"), "one of 'auto', 'fp32', 'bf16', 'fp16'"),
     "precision.zero_stage": (lambda v: v in (0, 1, 2), "0, 1 or 2"),
     "checkpoint.every_steps": (lambda v: v >= 1, ">= 1"),
     "checkpoint.keep_last": (lambda v: v >= 1, ">= 1"),

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -16,11 +18,13 @@ from trainer.distributed import DistContext, average_batchnorm_stats, barrier, i
 from trainer.engines import GanEngines, build_engines
 from trainer.metrics import MetricsLog, StepMeter
 from trainer.models import build_models, fused_kernels_unavailable, sample_z
-from trainer.precision import Precision
-from trainer.quality import QualityProbe
+from trainer.precision import Precision, choose_precision, probe_hardware
 from trainer.sampling import generate, save_grid
 from trainer.step import GanStep, NonFiniteLoss
 from trainer.telemetry import NoMetrics, open_metrics
+
+if TYPE_CHECKING:
+    from trainer.quality import QualityProbe
 
 StepHook = Callable[["Trainer"], None]
 
@@ -37,11 +41,17 @@ class Trainer:
         self.ctx = ctx or init_distributed()
         torch.set_float32_matmul_precision("high")
         self.run_dir = Path(cfg.logging.run_dir)
+        # each rank resolves "auto" for its own device; the run's config records what it trains in
+        choice = choose_precision(cfg.precision.dtype, probe_hardware(self.ctx.device))
+        cfg.precision.dtype = choice.name
+        self.precision = Precision(choice.name, self.ctx.device)
         if self.ctx.is_main:
+            print(choice.reason, flush=True)
+            if choice.warning:
+                print(choice.warning, file=sys.stderr, flush=True)
             for sub in ("samples", "checkpoints"):
                 (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.toml").write_text(to_toml(cfg))
-        self.precision = Precision(cfg.precision.dtype, self.ctx.device)
         self.loader = open_loader(
             cfg.data.loader, cfg.data.shards, rank=self.ctx.rank, world_size=self.ctx.world_size,
             batch_size=cfg.optim.batch_size // self.ctx.world_size, seed=cfg.optim.seed,
@@ -64,7 +74,11 @@ class Trainer:
         self.step_hooks: list[StepHook] = []
         self.metrics = NoMetrics()  # served while fit() runs
         self.state = TrainState()
-        self.quality = QualityProbe(cfg, self.ctx.device) if cfg.eval.fid_every and self.ctx.is_main else None
+        self.quality: QualityProbe | None = None
+        if cfg.eval.fid_every and self.ctx.is_main:
+            from trainer.quality import QualityProbe  # scipy and InceptionV3: the `eval` extra, only when asked for
+
+            self.quality = QualityProbe(cfg, self.ctx.device)
         self.pending_quality: dict[str, float] = {}  # joins the next metrics.jsonl record
         self.step_fn = GanStep(self.engines, self.precision, cfg.model, self.ctx, self.noise,
                                cfg.checkpoint.on_nonfinite)
@@ -143,7 +157,8 @@ class Trainer:
             self.measure_quality(log)
         if step % cfg.logging.log_every == 0 and meter.steps:
             summary = meter.summary()
-            log.write({"step": step, "epoch": self.state.epoch, "time": time.time(), **summary,
+            log.write({"step": step, "epoch": self.state.epoch, "time": time.time(), "precision": self.precision.name,
+                       **summary,
                        "skipped_samples": self.loader.skipped, **self.pending_quality})
             self.pending_quality = {}
             self.metrics.on_window(summary, step, self.state.epoch, self.state.restarts, self.loader.skipped,
