@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from cluster.stop_signals import stop_signals_unwind, stopped_by
+
+TORCHRUN_GRACE_S = 45.0  # torchrun gives its ranks 30 s after relaying the signal, then kills them
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Failures caused by input (config, files, data) that deserve one line, not a traceback."""
@@ -59,7 +63,36 @@ def _relaunch_under_torchrun(args: argparse.Namespace) -> int:
             argv.append(a)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
            "-m", "cluster.cli", *argv]
-    return subprocess.call(cmd)
+    # its own process group, so a terminal's Ctrl-C reaches it once, relayed by us: a second signal in the middle
+    # of its shutdown makes torchrun exit without waiting for its ranks
+    launcher = subprocess.Popen(cmd, process_group=0)
+    try:
+        return launcher.wait()
+    except KeyboardInterrupt:
+        _stop_launcher(launcher, stopped_by())
+        raise
+
+
+def _stop_launcher(launcher: subprocess.Popen, signum: int) -> None:
+    """Relay the stop signal to torchrun (which relays it to the ranks and waits for them); kill what is left."""
+    import psutil
+
+    try:
+        tree = [psutil.Process(launcher.pid), *psutil.Process(launcher.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    if launcher.poll() is None:
+        launcher.send_signal(signum)
+    try:
+        launcher.wait(timeout=TORCHRUN_GRACE_S)
+    except subprocess.TimeoutExpired:
+        pass
+    for process in tree:  # psutil.Process refuses to signal a PID that was reused since
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    launcher.wait()
 
 
 def _train_here(cfg, args: argparse.Namespace) -> int:
@@ -241,7 +274,7 @@ def cmd_data_sample_lsun(args: argparse.Namespace) -> int:
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
-    from cluster.monitor import start_prometheus, write_config
+    from cluster.monitor import start_prometheus, stop_prometheus, write_config
     from trainer.config import load_config
     from trainer.telemetry import targets_dir
 
@@ -250,13 +283,11 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     home = targets.parent / "prometheus"
     config = write_config(home / "prometheus.yml", targets, args.scrape_interval)
     process, url = start_prometheus(config, Path(args.data) if args.data else home / "data", args.host, args.port)
-    print(f"Prometheus at {url}, scraping every rank announced in {targets}; Ctrl-C stops it", flush=True)
     try:
+        print(f"Prometheus at {url}, scraping every rank announced in {targets}; Ctrl-C stops it", flush=True)
         return process.wait()
-    except KeyboardInterrupt:
-        process.terminate()
-        process.wait()
-        return 0
+    finally:
+        stop_prometheus(process)
 
 
 def cmd_bench_kernels(args: argparse.Namespace) -> int:
@@ -446,13 +477,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "data_command", None) == "convert" and args.channels is None:
         args.channels = 1 if args.source == "fashion-mnist" else 3
     try:
-        return args.func(args)
+        with stop_signals_unwind():
+            return args.func(args)
     except _user_errors() as e:
         print(f"dcgan: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("dcgan: interrupted", file=sys.stderr)
-        return 130
+        signum = stopped_by()
+        if "LOCAL_RANK" not in os.environ:  # a rank's launcher (torchrun, deepspeed) reports for all of them
+            print(f"dcgan: stopped by {signal.Signals(signum).name}", file=sys.stderr, flush=True)
+        return 128 + signum
 
 
 if __name__ == "__main__":

@@ -48,14 +48,17 @@ class LocalRayHead:
              "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
              "--num-cpus", str(self.num_cpus), "--disable-usage-stats", "--temp-dir", self._temp_dir],
             env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while self.ray("job", "list", check=False).returncode != 0:
-            if self._process.poll() is not None or time.monotonic() > deadline:
-                error = self._process.stderr.read() if self._process.poll() is not None else "timed out"
-                self.stop()
-                raise RuntimeError(f"the local Ray head did not start: {error.strip()[-500:]}")
-            time.sleep(1)
-        self._remember_children()
+        try:
+            deadline = time.monotonic() + timeout_s
+            while self.ray("job", "list", check=False).returncode != 0:
+                if self._process.poll() is not None or time.monotonic() > deadline:
+                    error = self._process.stderr.read() if self._process.poll() is not None else "timed out"
+                    raise RuntimeError(f"the local Ray head did not start: {error.strip()[-500:]}")
+                time.sleep(1)
+            self._remember_children()
+        except BaseException:  # Ctrl-C or SIGTERM while it starts, too: `with` calls stop() only after a start
+            self.stop()
+            raise
         return self
 
     def ray(self, *args: str, check: bool = True, timeout: float | None = None,

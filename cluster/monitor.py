@@ -19,6 +19,7 @@ from pathlib import Path
 
 RAY_SERVICE_DISCOVERY = Path("/tmp/ray/prom_metrics_service_discovery.json")
 UNPACKED = Path(sys.prefix) / "prometheus" / "usr" / "bin" / "prometheus"  # where `make monitoring` puts it
+STOP_GRACE_S = 10.0
 
 
 class MonitorError(RuntimeError):
@@ -63,26 +64,47 @@ def free_port_from(host: str, port: int, attempts: int = 100) -> int:
 
 def start_prometheus(config: Path, data_dir: Path, host: str, port: int, timeout_s: float = 60
                      ) -> tuple[subprocess.Popen, str]:
-    """Start Prometheus and wait until it is ready; returns the process and its URL."""
+    """Start Prometheus and wait until it is ready; returns the process and its URL.
+
+    The caller owns the process from then on and ends it with stop_prometheus.
+    """
     binary = find_prometheus()
     chosen = free_port_from(host, port)
     if chosen != port:
         print(f"monitor: port {port} is busy; Prometheus listens on {host}:{chosen}", file=sys.stderr)
     url = f"http://{host}:{chosen}"
     data_dir.mkdir(parents=True, exist_ok=True)
-    log = open(data_dir / "prometheus.log", "ab")
-    process = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={data_dir}",
-                                f"--web.listen-address={host}:{chosen}", "--storage.tsdb.retention.time=30d"],
-                               stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + timeout_s
+    with open(data_dir / "prometheus.log", "ab") as log:
+        process = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={data_dir}",
+                                    f"--web.listen-address={host}:{chosen}", "--storage.tsdb.retention.time=30d"],
+                                   stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_until_ready(process, url, time.monotonic() + timeout_s, data_dir / "prometheus.log")
+    except BaseException:  # a stop signal while it starts, too: it must not outlive us holding the port
+        stop_prometheus(process)
+        raise
+    return process, url
+
+
+def _wait_until_ready(process: subprocess.Popen, url: str, deadline: float, log: Path) -> None:
     while True:
         try:
             with urllib.request.urlopen(f"{url}/-/ready", timeout=2) as response:
                 if response.status == 200:
-                    return process, url
+                    return
         except (urllib.error.URLError, OSError):
             pass
         if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise MonitorError(f"Prometheus did not start; see {data_dir / 'prometheus.log'}")
+            raise MonitorError(f"Prometheus did not start; see {log}")
         time.sleep(0.5)
+
+
+def stop_prometheus(process: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM (Prometheus then flushes its head block and closes the TSDB), SIGKILL after grace_s."""
+    if process.poll() is None:
+        process.terminate()
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

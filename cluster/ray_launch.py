@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -30,6 +34,12 @@ _GCS_PROBE = "/ray.rpc.NodeInfoGcsService/GetClusterId"  # cheap, and present in
 # Ray also starts workers at nice 15, so its own services (dashboard, agents, at nice 0) take
 # the cores first: training in one worker ran at 0.80x the same run without Ray on 2 cores.
 WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_worker_niceness": "0"}
+# For the private local Ray only. Ray Train's PreemptionWatcher actor watches for nodes being drained (spot
+# reclaims), which cannot happen to a one-node Ray whose address nobody else knows; and creating it makes Ray
+# core log a warning at ERROR level into the terminal ("E ... core_worker.cc: Actor with class name:
+# 'PreemptionWatcher' ... has constructor arguments in the object store and max_restarts > 0", Ray #53727).
+# On a cluster the watcher stays: a drain there is real.
+LOCAL_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 class ClusterError(RuntimeError):
@@ -113,6 +123,31 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
                        "and is its port, 6379 by default, open?)")
 
 
+@contextmanager
+def keep_signal_handler(signum: int) -> Iterator[None]:
+    """Give back a signal to the handler the caller installed, after Ray's code replaced it.
+
+    ray.init makes SIGTERM call sys.exit(15), then its core worker installs a C++ crash handler for SIGTERM
+    that prints a stack trace and aborts; TorchTrainer.fit makes SIGINT abort the run, then call sys.exit(0).
+    Neither tells the caller which signal ended the call. With a Python handler installed (`dcgan` installs one
+    for SIGINT and SIGTERM), it is put back afterwards, and a SystemExit from Ray's handler becomes a call of it.
+    """
+    ours = signal.getsignal(signum)
+    if not callable(ours) or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    try:
+        yield
+    except SystemExit:
+        if signal.getsignal(signum) is ours:  # not Ray's handler
+            raise
+        signal.signal(signum, ours)
+        ours(signum, None)
+        raise
+    finally:
+        signal.signal(signum, ours)
+
+
 def connect(address: str | None) -> None:
     """Join the cluster at `address` (checked reachable); without one, start a local Ray for this run."""
     import ray
@@ -120,11 +155,14 @@ def connect(address: str | None) -> None:
     quiet: dict[str, Any] = dict(logging_level=logging.WARNING, log_to_driver=True)
     if not in_ray_job():  # a job's runtime_env is fixed at submission (cluster/examples/runtime_env.yaml)
         quiet["runtime_env"] = {"env_vars": WORKER_ENV}
-    if address:
-        ray.init(address=address, **quiet)
-    else:
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a private local instance reports nothing
-        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", **quiet)
+    with keep_signal_handler(signal.SIGTERM):
+        if address:
+            ray.init(address=address, **quiet)
+        else:
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a private local instance reports nothing
+            for name, value in LOCAL_ENV.items():  # Ray Train hands these on from the driver's environment
+                os.environ.setdefault(name, value)
+            ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", **quiet)
 
 
 def plan_for_cluster(cfg: Config) -> WorkerPlan:
@@ -211,8 +249,8 @@ def train_on_ray(cfg: Config, resume: str | None, address: str | None) -> dict[s
     resolve_paths(cfg)
     resume, continues = resume_plan(cfg, resume)
     check_shards(cfg, joins_cluster=bool(address))
-    connect(address)
     try:
+        connect(address)  # inside: a signal during ray.init must still end in ray.shutdown()
         plan = plan_for_cluster(cfg)
         check_worker_count(cfg, plan, resume or continues)
         print(f"dcgan: {plan.workers} Ray worker(s) x {plan.resources()}; checkpoints in "
@@ -229,7 +267,8 @@ def train_on_ray(cfg: Config, resume: str | None, address: str | None) -> dict[s
                                  checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
                                  logging_config=LoggingConfig(log_level="WARNING")))
         try:
-            result = trainer.fit()
+            with keep_signal_handler(signal.SIGINT):
+                result = trainer.fit()
         except ray.train.TrainingFailedError as e:
             raise ClusterError(f"training failed ({cfg.cluster.max_failures} restart(s) allowed): "
                                f"{_first_worker_error(e)}") from None

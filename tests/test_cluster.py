@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import pytest
@@ -14,6 +15,11 @@ from cluster.scaling import WorkerPlan, plan_workers, shortfall
 from trainer.checkpoint import list_checkpoints, read_meta
 from trainer.config import ClusterConfig, ConfigError
 from trainer.distributed import free_port
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# glog/absl ("E1201 22:45:43.174 ..."), Ray's C++ log ("[2026-12-01 22:34:42,035 E 6740 6779] core_worker.cc:...")
+# behind Ray's "(RayTrainWorker pid=N)" prefix or not, and bracketed levels
+ERROR_LINE = re.compile(r"(^|\) )E\d{4} \d\d:\d\d|\[\d{4}-\d\d-\d\d [\d:,.]+ E \d+ \d+\]|\[E\]|core_worker\.cc")
 
 
 # --- sizing the worker group -------------------------------------------------------------------------
@@ -122,3 +128,6 @@ def test_a_killed_worker_is_restarted_from_the_last_checkpoint_and_a_stopped_run
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     assert "resumed from step 16" in res.stdout + res.stderr and "done: 20 steps" in res.stdout
     assert [read_meta(c)["step"] for c in list_checkpoints(run / "checkpoints")] == [16, 20]
+    # a run that went well shows no line that reads like an error (Ray's PreemptionWatcher note was one)
+    errors = [line for line in ANSI.sub("", res.stdout + res.stderr).splitlines() if ERROR_LINE.search(line)]
+    assert not errors, "\n".join(errors)
