@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -54,13 +55,16 @@ def test_this_machine_resolves_to_what_it_runs_fast():
         assert measure_slowdown(torch.bfloat16) < 2.0, "auto chose bf16 on a CPU that emulates it"
 
 
-def test_a_cpu_whose_onednn_lacks_bf16_resolves_to_fp32():
+def test_a_cpu_whose_onednn_lacks_bf16_resolves_to_fp32_and_warns_with_a_real_measurement():
     """oneDNN capped at AVX2 (as on a CPU without AVX512) is what an AVX2-only machine looks like."""
-    code = ("import torch; from trainer.precision import *; "
-            "print(choose_precision('auto', probe_hardware(torch.device('cpu'))).name)")
+    code = ("import torch; from trainer.precision import *; hw = probe_hardware(torch.device('cpu')); "
+            "print(choose_precision('auto', hw).name); print(choose_precision('bf16', hw).warning)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                          env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}, check=True)
-    assert out.stdout.split() == ["fp32"]
+    auto, warning = out.stdout.strip().splitlines()
+    assert auto == "fp32"
+    slowdown = float(re.search(r"measured ([0-9.]+)x slower than in fp32", warning).group(1))
+    assert slowdown > 2.0, warning  # emulated bf16: 6-20x on the CPUs measured
 
 
 def test_a_run_states_and_records_the_resolved_dtype(fashion_shards, tmp_path):
