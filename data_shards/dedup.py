@@ -219,11 +219,10 @@ def find_near_duplicates(source: Source, opts: DedupOptions, progress: bool = Fa
     return NearDuplicates(group_duplicates(keys, hashes, codes, opts), skipped)
 
 
-def write_duplicate_list(path: str | Path, duplicates: dict[str, str], source: Source, opts: DedupOptions) -> None:
-    skipped = getattr(duplicates, "skipped", {})
+def write_duplicate_list(path: str | Path, duplicates: NearDuplicates, source: Source, opts: DedupOptions) -> None:
     data = {"source": source.describe(), "options": vars(opts),
             "duplicates": [{"key": k, "of": v, "method": "semantic-hash"} for k, v in duplicates.items()],
-            "skipped": [{"key": k, "reason": reason} for k, reason in skipped.items()]}
+            "skipped": [{"key": k, "reason": reason} for k, reason in duplicates.skipped.items()]}
     atomic_write_bytes(Path(path), json.dumps(data, indent=1).encode())
 
 
