@@ -16,11 +16,11 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, run_dcgan, tiny_train_args
 from torch import nn
 
 from kernels.dispatch import block_unsupported, conv_transpose_bn_relu
 from kernels.shapes import generator_blocks
-from tests.conftest import ROOT, run_dcgan, tiny_train_args
 from trainer.config import ModelConfig
 from trainer.eval_data import load_generator
 from trainer.models import Generator, build_models, fused_kernels_unavailable

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 
-from tests.conftest import run_dcgan, tiny_train_args
+from conftest import run_dcgan, tiny_train_args
 
 
 def test_fid_during_training_joins_the_metrics_records(fashion_shards, tmp_path):

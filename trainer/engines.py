@@ -33,6 +33,9 @@ def engine_config(cfg: Config, world_size: int, precision: Precision) -> dict:
         },
         "zero_optimization": {"stage": cfg.precision.zero_stage},
         "steps_per_print": 2**31 - 1,
+        # DeepSpeed's throughput timer synchronises the device at every forward and step() to time
+        # them; the loop measures throughput itself, once per log window
+        "timers": {"throughput": {"enabled": False}},
         **precision.deepspeed_section(),
     }
 

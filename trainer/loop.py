@@ -110,6 +110,7 @@ class Trainer:
                 engine.torch_autocast_z0_gradscaler.load_state_dict(rank_state["grad_scalers"][tag])
 
     def save_checkpoint(self) -> None:
+        self.step_fn.raise_if_nonfinite()  # a bad step never reaches a checkpoint
         if self.checkpointer.last_saved_step != self.state.step:
             started = time.perf_counter()
             self._sync_batchnorm()
@@ -117,6 +118,7 @@ class Trainer:
             self.metrics.on_checkpoint(time.perf_counter() - started)
 
     def save_samples(self) -> None:
+        self.step_fn.raise_if_nonfinite()
         self._sync_batchnorm()
         if self.ctx.is_main:
             images = generate(self.engines.generator.module, self.fixed_z)
@@ -156,6 +158,7 @@ class Trainer:
         if cfg.eval.fid_every and step % cfg.eval.fid_every == 0:
             self.measure_quality(log)
         if step % cfg.logging.log_every == 0 and meter.steps:
+            self.step_fn.raise_if_nonfinite()  # the window's one read of the device, with the statistics
             summary = meter.summary()
             log.write({"step": step, "epoch": self.state.epoch, "time": time.time(), "precision": self.precision.name,
                        **summary,

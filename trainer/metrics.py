@@ -36,7 +36,9 @@ class StepMeter:
 
     def summary(self) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self.started, 1e-9)
-        out = {k: float(v) / max(self.steps, 1) for k, v in self.sums.items()}
+        # one read of the device for all the window's values, not one per value
+        means = (torch.stack(list(self.sums.values())) / max(self.steps, 1)).tolist() if self.sums else []
+        out = dict(zip(self.sums, means, strict=True))
         out.update(img_per_s=self.images / elapsed, data_wait_s=self.data_wait,
                    step_time_s=elapsed / max(self.steps, 1))
         return out

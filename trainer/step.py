@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from trainer.config import ModelConfig
@@ -43,7 +44,8 @@ def grad_norm_before_step(engine: torch.nn.Module) -> torch.Tensor | None:
         return None
     norm = torch.nn.utils.get_total_norm([p.grad for p in engine.module.parameters() if p.grad is not None])
     scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
-    return norm / scaler.get_scale() if scaler is not None else norm
+    # the scale as a tensor: GradScaler.get_scale() reads it to the host, a device sync per step
+    return norm / scaler._get_scale_async() if scaler is not None else norm
 
 
 def grad_norm_after_step(engine: torch.nn.Module, before: torch.Tensor | None) -> torch.Tensor:
@@ -60,19 +62,53 @@ def bce(logits: torch.Tensor, target: float) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
 
 
+class NonFiniteWatch:
+    """The first step at which each loss was not finite, kept on the device.
+
+    Recording costs two device ops per step and no host read; `raise_if_any` reads it (one sync
+    and, on several ranks, one all-reduce) where the loop needs the answer: once per log window
+    and before every checkpoint and sample grid, so a bad step stops the run within a window and
+    never reaches a checkpoint.
+    """
+
+    NAMES = ("loss_d", "loss_g")
+
+    def __init__(self, device: torch.device):
+        self.first_bad = torch.zeros(len(self.NAMES), dtype=torch.int64, device=device)  # 0: none yet
+
+    def record(self, index: int, loss: torch.Tensor, step: int) -> None:
+        slot = self.first_bad[index]
+        slot.copy_(torch.where((slot == 0) & ~torch.isfinite(loss.detach()), step, slot))
+
+    def raise_if_any(self) -> None:
+        none = torch.iinfo(torch.int64).max
+        first = torch.where(self.first_bad == 0, none, self.first_bad)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)  # a bad step on any rank stops every rank
+        bad = [(step, name) for step, name in zip(first.tolist(), self.NAMES, strict=True) if step != none]
+        if bad:
+            step, name = min(bad)
+            raise NonFiniteLoss(f"{name} is not finite at step {step}")
+
+
 class GanStep:
     def __init__(self, engines: GanEngines, precision: Precision, model: ModelConfig, ctx: DistContext,
                  noise: torch.Generator, on_nonfinite: str):
         self.G, self.D = engines.generator, engines.discriminator
         self.precision, self.model, self.ctx = precision, model, ctx
         self.noise, self.on_nonfinite = noise, on_nonfinite
+        self.watch = NonFiniteWatch(ctx.device)
 
-    def _finite(self, name: str, loss: torch.Tensor, step: int) -> bool:
-        if all_ranks_agree(bool(torch.isfinite(loss)), self.ctx.device):
-            return True
+    def raise_if_nonfinite(self) -> None:
+        """Stop (NonFiniteLoss) if a loss was not finite since the run started; a host sync."""
+        self.watch.raise_if_any()
+
+    def _finite(self, index: int, loss: torch.Tensor, step: int) -> bool:
         if self.on_nonfinite == "stop":
-            raise NonFiniteLoss(f"{name} is not finite at step {step}")
-        return False
+            self.watch.record(index, loss, step)  # read at the next window, checkpoint or sample grid
+            return True
+        # "skip" must decide now whether to step the optimiser: one host sync (and all-reduce) per loss
+        return all_ranks_agree(bool(torch.isfinite(loss)), self.ctx.device)
 
     def __call__(self, real: torch.Tensor, step: int) -> dict[str, torch.Tensor] | None:
         """Returns the step's statistics, or None if it was skipped for a non-finite loss."""
@@ -81,7 +117,7 @@ class GanStep:
 
         d_real, d_fake = self.D(real), self.D(fake.detach())
         loss_d = bce(d_real, 1.0) + bce(d_fake, 0.0)
-        if not self._finite("loss_d", loss_d, step):
+        if not self._finite(0, loss_d, step):
             return None
         self.D.backward(loss_d)
         norm_d = grad_norm_before_step(self.D)
@@ -90,7 +126,7 @@ class GanStep:
         with frozen(self.D.module), self.precision.autocast():
             d_fake_for_g = self.D.module(fake)  # the module, not the engine: its backward belongs to G
         loss_g = bce(d_fake_for_g, 1.0)  # non-saturating: maximise log D(G(z))
-        if not self._finite("loss_g", loss_g, step):
+        if not self._finite(1, loss_g, step):
             return None
         self.G.backward(loss_g)
         norm_g = grad_norm_before_step(self.G)
