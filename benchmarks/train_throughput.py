@@ -8,6 +8,12 @@ figure per method is the median over rounds.
 On a GPU a fifth arm runs our step with the generator's fused Triton blocks (model.fused_kernels).
 
     python benchmarks/train_throughput.py [--resolution 64] [--batch 128] [--rounds 5]
+
+Host overhead, the regime a GPU step lives in (computation negligible, so the figure is the
+per-step cost of dispatch, DeepSpeed and synchronisation):
+
+    python benchmarks/train_throughput.py --resolution 32 --channels 1 --width 8 --batch 16 --steps 50 \
+        --out benchmarks/results/train_host_overhead.json
 """
 
 from __future__ import annotations
@@ -121,11 +127,11 @@ def main() -> None:
 
     median = {name: statistics.median(r) for name, r in rates.items()}
     base_fp32, base_bf16 = median["plain PyTorch fp32"], median["plain PyTorch bf16 autocast"]
-    rows = [{"method": name, "img_per_s": v, "vs_plain_fp32": v / base_fp32, "vs_plain_bf16": v / base_bf16}
-            for name, v in median.items()]
+    rows = [{"method": name, "img_per_s": v, "ms_per_step": 1000 * args.batch / v, "vs_plain_fp32": v / base_fp32,
+             "vs_plain_bf16": v / base_bf16} for name, v in median.items()]
     print_table(f"{args.resolution}x{args.resolution}x{args.channels}, ngf=ndf={args.width}, batch {args.batch}, "
                 f"{torch.get_num_threads()} threads, {ctx.device}, median of {args.rounds} rounds",
-                [("method", "method", "<32"), ("img/s", "img_per_s", ".1f"),
+                [("method", "method", "<32"), ("img/s", "img_per_s", ".1f"), ("ms/step", "ms_per_step", ".2f"),
                  ("vs plain fp32", "vs_plain_fp32", ".2f"), ("vs plain bf16", "vs_plain_bf16", ".2f")], rows)
     write_result(
         args.out, "train_throughput",

@@ -32,6 +32,8 @@ def engine_config(cfg: Config, world_size: int, precision: Precision) -> dict:
                        "weight_decay": 0.0, "torch_adam": True, "adam_w_mode": False},
         },
         "zero_optimization": {"stage": cfg.precision.zero_stage},
+        # the paper clips nothing; DeepSpeed's default is 1.0, which would clip every fp32 step
+        "gradient_clipping": 0.0,
         "steps_per_print": 2**31 - 1,
         # DeepSpeed's throughput timer synchronises the device at every forward and step() to time
         # them; the loop measures throughput itself, once per log window
