@@ -76,8 +76,8 @@ class NonFiniteWatch:
     def __init__(self, device: torch.device):
         self.first_bad = torch.zeros(len(self.NAMES), dtype=torch.int64, device=device)  # 0: none yet
 
-    def record(self, index: int, loss: torch.Tensor, step: int) -> None:
-        slot = self.first_bad[index]
+    def record(self, name: str, loss: torch.Tensor, step: int) -> None:
+        slot = self.first_bad[self.NAMES.index(name)]
         slot.copy_(torch.where((slot == 0) & ~torch.isfinite(loss.detach()), step, slot))
 
     def raise_if_any(self) -> None:
@@ -100,12 +100,14 @@ class GanStep:
         self.watch = NonFiniteWatch(ctx.device)
 
     def raise_if_nonfinite(self) -> None:
-        """Stop (NonFiniteLoss) if a loss was not finite since the run started; a host sync."""
-        self.watch.raise_if_any()
-
-    def _finite(self, index: int, loss: torch.Tensor, step: int) -> bool:
+        """Stop (NonFiniteLoss) if a loss was not finite since the run started; a host sync.
+        Under "skip" nothing is recorded (a bad step is dropped at once), so there is nothing to read."""
         if self.on_nonfinite == "stop":
-            self.watch.record(index, loss, step)  # read at the next window, checkpoint or sample grid
+            self.watch.raise_if_any()
+
+    def _finite(self, name: str, loss: torch.Tensor, step: int) -> bool:
+        if self.on_nonfinite == "stop":
+            self.watch.record(name, loss, step)  # read at the next window, checkpoint or sample grid
             return True
         # "skip" must decide now whether to step the optimiser: one host sync (and all-reduce) per loss
         return all_ranks_agree(bool(torch.isfinite(loss)), self.ctx.device)
@@ -117,7 +119,7 @@ class GanStep:
 
         d_real, d_fake = self.D(real), self.D(fake.detach())
         loss_d = bce(d_real, 1.0) + bce(d_fake, 0.0)
-        if not self._finite(0, loss_d, step):
+        if not self._finite("loss_d", loss_d, step):
             return None
         self.D.backward(loss_d)
         norm_d = grad_norm_before_step(self.D)
@@ -126,7 +128,7 @@ class GanStep:
         with frozen(self.D.module), self.precision.autocast():
             d_fake_for_g = self.D.module(fake)  # the module, not the engine: its backward belongs to G
         loss_g = bce(d_fake_for_g, 1.0)  # non-saturating: maximise log D(G(z))
-        if not self._finite(1, loss_g, step):
+        if not self._finite("loss_g", loss_g, step):
             return None
         self.G.backward(loss_g)
         norm_g = grad_norm_before_step(self.G)
