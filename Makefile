@@ -19,7 +19,7 @@ TORCH_VERSION := 2.13.0
 # NVIDIA libraries that a CPU-only machine never uses
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 
-.PHONY: run test setup setup-run data monitoring monitor bench lint clean
+.PHONY: run test setup setup-run data monitoring monitor bench lint clean gpu-bundle
 
 run: setup-run data  ## set up what training needs, then train the embedded default (Fashion-MNIST 32x32); a second run continues the first
 	$(BIN)/dcgan train --config configs/fashion-mnist-32.toml --resume auto
@@ -104,3 +104,36 @@ lint: setup
 
 clean:
 	rm -rf runs data
+
+# What benchmarks/gpu_check.sh imports that a bare CUDA image lacks (it has python3 with CUDA torch, triton,
+# numpy, scipy, pillow, psutil, msgpack, ninja, py-cpuinfo, einops, packaging, tqdm, and no network), as wheels
+# for that image's Python: DeepSpeed and WebDataset with what they import at run time (typing-extensions too:
+# pydantic needs a newer one than torch does), lmdb, scikit-image (the loader benchmark's sample LSUN) and
+# matplotlib (the kernel benchmark's figure). The releases this venv tests with, pinned so that the bundle is the
+# same tomorrow. No Ray (the check never launches through it) and no DALI
+# (hundreds of MB; the check reports it skipped). Everything travels with the checkout, so it must stay small.
+GPU_BUNDLE_DIR ?= .gpu-bundle
+GPU_PYTHON_VERSION ?= 3.12
+# pip widens a manylinux_2_28 tag to every older one; CUDA torch wheels need glibc 2.28 already
+GPU_PLATFORMS ?= manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64
+GPU_BUNDLE_MAX_MIB ?= 60
+GPU_BUNDLE_DEEPSPEED := deepspeed==0.19.8
+GPU_BUNDLE_WHEELS := webdataset==1.0.2 braceexpand==0.1.7 pyyaml==6.0.4 hjson==3.1.0 \
+  pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0 \
+  lmdb==3.0.0 scikit-image==0.26.0 imageio==2.38.2 tifffile==2026.3.3 lazy-loader==0.6 \
+  matplotlib==3.11.2 contourpy==1.3.3 cycler==0.12.1 fonttools==4.68.0 kiwisolver==1.5.1 pyparsing==3.3.3 \
+  python-dateutil==4.0.0 tzdata==2026.6
+# the venv's pip when there is one: the system Python may have none
+GPU_BUNDLE_PIP ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) -m pip
+
+gpu-bundle:  ## wheels for benchmarks/gpu_check.sh on an offline CUDA machine (GPU_PYTHON_VERSION, default 3.12)
+	@mkdir -p $(GPU_BUNDLE_DIR) && rm -f $(GPU_BUNDLE_DIR)/*.whl
+	@# PyPI has DeepSpeed as an sdist only; DS_BUILD_OPS=0 makes a pure-Python wheel whose ops build on first use
+	DS_BUILD_OPS=0 $(GPU_BUNDLE_PIP) wheel --quiet --no-deps --wheel-dir $(GPU_BUNDLE_DIR) $(GPU_BUNDLE_DEEPSPEED)
+	$(GPU_BUNDLE_PIP) download --quiet --no-deps --only-binary=:all: --implementation cp \
+	  --python-version $(GPU_PYTHON_VERSION) $(addprefix --platform ,$(GPU_PLATFORMS)) \
+	  --dest $(GPU_BUNDLE_DIR) $(GPU_BUNDLE_WHEELS)
+	@bytes=$$(cat $(GPU_BUNDLE_DIR)/*.whl | wc -c) && wheels=$$(ls $(GPU_BUNDLE_DIR)/*.whl | wc -l) && \
+	  echo "$(GPU_BUNDLE_DIR): $$wheels wheels, $$((bytes >> 20)) MiB, for Python $(GPU_PYTHON_VERSION)" && \
+	  if [ $$bytes -ge $$(($(GPU_BUNDLE_MAX_MIB) << 20)) ]; then \
+	    echo "error: over $(GPU_BUNDLE_MAX_MIB) MiB, too much to travel with the checkout"; exit 1; fi

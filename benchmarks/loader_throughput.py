@@ -1,15 +1,28 @@
-"""Loader throughput: our WebDataset and DALI loaders on shards stored at training resolution,
-against a torchvision-style LSUN reader (map-style Dataset over the LMDB: get by key, Pillow
-decode, resize + centre crop per item), on the same LSUN-format input and the same cores.
+"""Loader throughput: our WebDataset, DALI and device-resident loaders on shards stored at training
+resolution, against a torchvision-style LSUN reader (map-style Dataset over the LMDB: get by key,
+Pillow decode, resize + centre crop per item), on the same LSUN-format input and the same cores.
 
-Every method delivers the same thing: float N x 3 x 64 x 64 batches in [-1, 1] on the CPU.
+Every method delivers the same images, 64 x 64 x 3, in batches on the CPU, each in its own
+contract (the "delivers" column reads it off the batches): the torchvision-style baseline float
+N x 3 x 64 x 64 in [-1, 1], as its transforms end; our loaders uint8 N x 64 x 64 x 3, the loader
+contract (data_shards/loaders.py), a quarter of the bytes, scaled to the compute dtype on the
+training device in the same pass that casts them (`to_model_input`, not timed here).
+
+The device loader ("device") reads and decodes its part of the set once, at construction (its
+own row: the seconds and images/s of that), then serves every epoch from memory (the row
+"batches() from memory": a permutation per epoch and a gather per batch, numpy's take on a
+CPU, index_select on a GPU). `vs step` compares a row's rate with what a 64x64 training step
+consumes (--step-img-per-s; by default the CPU dcgan-scale bf16 rate in
+benchmarks/results/train_throughput.json): above 1, the loader keeps up.
 
     python benchmarks/loader_throughput.py [--images 10000] [--batch 128] [--workers 2]
+                                           [--step-img-per-s N] [--out results.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import io
 import json
 import os
@@ -58,14 +71,45 @@ class LsunLmdbDataset(torch.utils.data.Dataset):
         return torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div(127.5).sub(1)
 
 
-def measure(batches, batch: int, limit: int) -> float:
-    start, n = time.perf_counter(), 0
+def delivers(images: torch.Tensor) -> str:
+    """A batch's contract in a few words, read off the batch itself."""
+    layout = "N x C x H x W" if images.shape[1] < images.shape[-1] else "N x H x W x C"
+    return f"{str(images.dtype).removeprefix('torch.')} {layout}"
+
+
+def measure(batches, limit: int) -> tuple[float, float, str]:
+    """(images/s, seconds, what the batches are) over the first `limit` images of `batches`."""
+    start, n, kind = time.perf_counter(), 0, "-"
     for batch_ in batches:
         images = batch_[0] if isinstance(batch_, (tuple, list)) else batch_
+        kind = delivers(images)
         n += images.shape[0]
         if n >= limit:
             break
-    return n / (time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    return n / seconds, seconds, kind
+
+
+def measure_epochs(loader, min_seconds: float = 1.0) -> tuple[float, float, str]:
+    """Steady state of a loader that holds its set: whole epochs until `min_seconds` have passed
+    (one epoch of a small set is over in milliseconds)."""
+    start, n, epoch, kind = time.perf_counter(), 0, 0, "-"
+    while epoch == 0 or time.perf_counter() - start < min_seconds:
+        for images, _ in loader.batches(epoch):
+            kind = delivers(images)
+            n += images.shape[0]
+        epoch += 1
+    seconds = time.perf_counter() - start
+    return n / seconds, seconds, kind
+
+
+def default_step_rate() -> float | None:
+    """The CPU 64x64 step's images/s (dcgan-scale, bf16) from the train throughput benchmark."""
+    path = ROOT / "benchmarks" / "results" / "train_throughput.json"
+    try:
+        return float(json.loads(path.read_text())["img_per_s_median"]["dcgan-scale bf16"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
 
 
 def main() -> None:
@@ -73,9 +117,21 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=10_000)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--step-img-per-s", type=float, default=None,
+                        help="what a 64x64 training step consumes; default: the CPU bf16 rate in "
+                             "benchmarks/results/train_throughput.json")
     parser.add_argument("--work", type=Path, default=ROOT / "data" / "bench")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "loader_throughput.json")
     args = parser.parse_args()
+    step_rate = args.step_img_per_s if args.step_img_per_s is not None else default_step_rate()
+    # on a GPU the loaders deliver there: DALI decodes on it ("mixed"), the device loader holds the set there
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    streaming = ["webdataset"]
+    try:
+        importlib.import_module("nvidia.dali")
+        streaming.append("dali")
+    except ImportError:
+        print("dali: not installed here (the dali extra), its rows are left out")
     source = args.work / f"lsun-webp-{args.images}"
     if not (source / "data.mdb").is_file():
         subprocess.run([sys.executable, "-m", "cluster.cli", "data", "sample-lsun", "--out", str(source), "--n",
@@ -84,9 +140,10 @@ def main() -> None:
     dataset = LsunLmdbDataset(source, 64)
     baseline_loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch, shuffle=True,
                                                   num_workers=args.workers, drop_last=True)
-    baseline = measure(baseline_loader, args.batch, len(dataset))
+    baseline, seconds, kind = measure(baseline_loader, len(dataset))
     rows.append({"method": "LSUN LMDB map-style Dataset (torchvision way)", "encoding": "webp 256px",
-                 "bytes_per_image": (source / "data.mdb").stat().st_size / len(dataset), "img_per_s": baseline})
+                 "delivers": kind, "bytes_per_image": (source / "data.mdb").stat().st_size / len(dataset),
+                 "img_per_s": baseline, "seconds": seconds})
     for encoding in ("png", "jpeg", "raw"):
         shards = args.work / f"shards-{args.images}-{encoding}"
         if not (shards / "manifest.json").is_file():
@@ -96,19 +153,39 @@ def main() -> None:
                            cwd=ROOT, check=True)
         manifest = json.loads((shards / "manifest.json").read_text())
         size = sum(s["bytes"] for s in manifest["shards"]) / manifest["total"]
-        for kind in ("webdataset", "dali"):
-            loader = open_loader(kind, shards, rank=0, world_size=1, batch_size=args.batch, seed=0, channels=3,
-                                 resolution=64, num_workers=args.workers, shuffle_buffer=5000, device="cpu")
-            rate = measure(loader.batches(0), args.batch, manifest["total"])
-            rows.append({"method": f"{kind} loader, shards at 64x64", "encoding": encoding, "bytes_per_image": size,
-                         "img_per_s": rate})
+        common = dict(rank=0, world_size=1, batch_size=args.batch, seed=0, channels=3, resolution=64,
+                      num_workers=args.workers, shuffle_buffer=5000, device=device)
+        for kind in streaming:
+            loader = open_loader(kind, shards, **common)
+            rate, seconds, delivered = measure(loader.batches(0), manifest["total"])
+            rows.append({"method": f"{kind} loader, shards at 64x64", "encoding": encoding, "delivers": delivered,
+                         "bytes_per_image": size, "img_per_s": rate, "seconds": seconds})
+            del loader
+        start = time.perf_counter()
+        loader = open_loader("device", shards, **common)
+        seconds = time.perf_counter() - start
+        rows.append({"method": "device loader: read + decode once (setup)", "encoding": encoding,
+                     "delivers": "held uint8 N x H x W x C", "bytes_per_image": size,
+                     "img_per_s": len(loader.labels) / seconds, "seconds": seconds})
+        rate, seconds, delivered = measure_epochs(loader)
+        rows.append({"method": "device loader: batches() from memory", "encoding": encoding, "delivers": delivered,
+                     "bytes_per_image": 64 * 64 * 3, "img_per_s": rate, "seconds": seconds})
+        del loader
+    columns = [("method", "method", "<42"), ("stored as", "encoding", "<10"), ("delivers", "delivers", "<24"),
+               ("bytes/img", "bytes_per_image", ".0f"), ("s", "seconds", ".2f"), ("img/s", "img_per_s", ".0f"),
+               ("vs LMDB", "vs_lmdb", ".1f")]
     for row in rows:
         row["vs_lmdb"] = row["img_per_s"] / baseline
-    print_table(f"{args.images} LSUN-format images -> float 3x64x64 batches of {args.batch}, "
-                f"{args.workers} worker(s)/thread(s), CPU",
-                [("method", "method", "<46"), ("stored as", "encoding", "<10"), ("bytes/img", "bytes_per_image", ".0f"),
-                 ("img/s", "img_per_s", ".0f"), ("vs LMDB", "vs_lmdb", ".1f")], rows)
-    write_result(args.out, "loader_throughput", settings={k: str(v) for k, v in vars(args).items()}, rows=rows)
+        if step_rate:
+            row["vs_step"] = row["img_per_s"] / step_rate
+    if step_rate:
+        columns.append(("vs step", "vs_step", ".0f"))
+    print_table(f"{args.images} LSUN-format images -> 64x64x3 batches of {args.batch}, "
+                f"{args.workers} worker(s)/thread(s), delivered on {device}"
+                + (f"; a 64x64 step consumes {step_rate:.0f} img/s (vs step)" if step_rate else ""),
+                columns, rows)
+    write_result(args.out, "loader_throughput", settings={k: str(v) for k, v in vars(args).items()},
+                 step_img_per_s=step_rate, device=device, rows=rows)
 
 
 if __name__ == "__main__":

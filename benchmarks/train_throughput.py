@@ -5,7 +5,10 @@ step on real then fake, the G step through D), on the very same networks, in fp3
 bf16 autocast. Methods run interleaved in rounds, so a noisy machine slows them alike; the
 figure per method is the median over rounds.
 
-On a GPU a fifth arm runs our step with the generator's fused Triton blocks (model.fused_kernels).
+Arms (`--methods`): plain (that loop), eager (our step), compiled (our step under
+model.compile) and, on a GPU, fused (the generator's fused Triton blocks), each in every
+`--precisions`. Each row also gives the achieved TFLOP/s, from the step's FLOPs as PyTorch's
+FlopCounterMode counts them.
 
     python benchmarks/train_throughput.py [--resolution 64] [--batch 128] [--rounds 5]
 
@@ -28,11 +31,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.report import print_table, write_result  # noqa: E402
+from trainer.compiled import compile_step  # noqa: E402
 from trainer.config import Config  # noqa: E402
 from trainer.distributed import init_distributed  # noqa: E402
 from trainer.engines import build_engines  # noqa: E402
@@ -70,16 +75,33 @@ def plain_pytorch_step(cfg: Config, dtype: torch.dtype | None, device: torch.dev
     return step
 
 
-def our_step(cfg: Config, ctx, precision_name: str, fused: bool = False) -> Callable[[torch.Tensor], None]:
+def our_step(cfg: Config, ctx, precision_name: str, fused: bool = False, compiled: bool = False
+             ) -> Callable[[torch.Tensor], None]:
     cfg = copy.deepcopy(cfg)
     cfg.precision.dtype = precision_name
     cfg.model.fused_kernels = fused
     precision = Precision(precision_name, ctx.device)
     G, D = build_models(cfg.model, seed=0)
     engines = build_engines(G.to(ctx.device), D.to(ctx.device), cfg, ctx.world_size, precision)
-    step_fn = GanStep(engines, precision, cfg.model, ctx, torch.Generator().manual_seed(1), "stop")
+    if compiled:
+        compile_step(engines, ctx.device)
+    step_fn = GanStep(engines, precision, cfg.model, ctx, torch.Generator(ctx.device).manual_seed(1), "stop")
     counter = iter(range(1, 10**9))
-    return lambda real: step_fn(real, next(counter))
+    return lambda images: step_fn(images, next(counter))
+
+
+def step_flops(cfg: Config, device: torch.device, real: torch.Tensor) -> int:
+    """FLOPs of one step (G forward, three D forwards, both backwards), counted by PyTorch's
+    FlopCounterMode on the plain fp32 loop: the same arithmetic as ours."""
+    step = plain_pytorch_step(cfg, None, device)
+    with FlopCounterMode(display=False) as counter:
+        step(real)
+    return counter.get_total_flops()
+
+
+METHODS = ("plain", "eager", "compiled", "fused")
+LABELS = {"plain": "plain PyTorch", "eager": "dcgan-scale", "compiled": "dcgan-scale compiled",
+          "fused": "dcgan-scale fused kernels"}
 
 
 def main() -> None:
@@ -88,6 +110,9 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=3)
     parser.add_argument("--width", type=int, default=64, help="ngf = ndf")
     parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--methods", default="plain,eager,compiled",
+                        help=f"comma list of {', '.join(METHODS)} (fused: CUDA only)")
+    parser.add_argument("--precisions", default="fp32,bf16", help="comma list of fp32, bf16")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=2, help="timed steps per method per round")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "train_throughput.json")
@@ -98,52 +123,63 @@ def main() -> None:
     cfg.model.resolution, cfg.model.channels = args.resolution, args.channels
     cfg.model.ngf = cfg.model.ndf = args.width
     cfg.optim.batch_size = args.batch
-    bf16 = torch.bfloat16
-    methods: dict[str, Callable[[torch.Tensor], None]] = {
-        "plain PyTorch fp32": plain_pytorch_step(cfg, None, ctx.device),
-        "plain PyTorch bf16 autocast": plain_pytorch_step(cfg, bf16, ctx.device),
-        "dcgan-scale fp32": our_step(cfg, ctx, "fp32"),
-        "dcgan-scale bf16": our_step(cfg, ctx, "bf16"),
-    }
-    if ctx.device.type == "cuda":  # Triton's CPU interpreter would measure nothing about speed
-        methods["dcgan-scale bf16 fused kernels"] = our_step(cfg, ctx, "bf16", fused=True)
-    real = torch.rand(args.batch, args.channels, args.resolution, args.resolution, device=ctx.device) * 2 - 1
+    methods = [m for m in args.methods.split(",") if m != "fused" or ctx.device.type == "cuda"]
+    precisions = args.precisions.split(",")
+    dtypes = {"fp32": None, "bf16": torch.bfloat16}
+    arms: dict[tuple[str, str], Callable[[torch.Tensor], None]] = {}
+    for precision in precisions:
+        for method in methods:
+            if method == "plain":
+                arms[method, precision] = plain_pytorch_step(cfg, dtypes[precision], ctx.device)
+            else:
+                arms[method, precision] = our_step(cfg, ctx, precision, fused=method == "fused",
+                                                   compiled=method == "compiled")
+    # the plain loop reads float NCHW in [-1, 1], as pytorch/examples' loader hands it; ours reads
+    # the loaders' uint8 NHWC bytes and converts them inside the step (counted against us)
+    images = torch.randint(0, 256, (args.batch, args.resolution, args.resolution, args.channels),
+                           dtype=torch.uint8, device=ctx.device)
+    real = images.permute(0, 3, 1, 2).float().div(127.5).sub(1).contiguous()
+    flops = step_flops(cfg, ctx.device, real)
 
     def sync():
         if ctx.device.type == "cuda":
             torch.cuda.synchronize()
 
-    for fn in methods.values():  # warm-up: allocator, oneDNN / cuDNN kernel choice
-        fn(real)
-    rates: dict[str, list[float]] = {name: [] for name in methods}
+    for (method, _), fn in arms.items():  # warm-up: allocator, kernel choice, compilation
+        for _ in range(3 if method == "compiled" else 1):
+            fn(real if method == "plain" else images)
+    seconds: dict[tuple[str, str], list[float]] = {key: [] for key in arms}
     for _ in range(args.rounds):
-        for name, fn in methods.items():
+        for (method, precision), fn in arms.items():
+            batch = real if method == "plain" else images
             sync()
             t0 = time.perf_counter()
             for _ in range(args.steps):
-                fn(real)
+                fn(batch)
             sync()
-            rates[name].append(args.steps * args.batch / (time.perf_counter() - t0))
+            seconds[method, precision].append((time.perf_counter() - t0) / args.steps)
 
-    median = {name: statistics.median(r) for name, r in rates.items()}
-    base_fp32, base_bf16 = median["plain PyTorch fp32"], median["plain PyTorch bf16 autocast"]
-    rows = [{"method": name, "img_per_s": v, "ms_per_step": 1000 * args.batch / v, "vs_plain_fp32": v / base_fp32,
-             "vs_plain_bf16": v / base_bf16} for name, v in median.items()]
+    rows = []
+    for (method, precision), times in seconds.items():
+        per_step = statistics.median(times)
+        plain = seconds.get(("plain", precision))
+        rows.append({"method": method, "precision": precision, "label": f"{LABELS[method]} {precision}",
+                     "batch": args.batch, "img_per_s": args.batch / per_step, "ms_per_step": 1000 * per_step,
+                     "vs_plain": statistics.median(plain) / per_step if plain else float("nan"),
+                     "tflops": flops / per_step / 1e12})
     print_table(f"{args.resolution}x{args.resolution}x{args.channels}, ngf=ndf={args.width}, batch {args.batch}, "
-                f"{torch.get_num_threads()} threads, {ctx.device}, median of {args.rounds} rounds",
-                [("method", "method", "<32"), ("img/s", "img_per_s", ".1f"), ("ms/step", "ms_per_step", ".2f"),
-                 ("vs plain fp32", "vs_plain_fp32", ".2f"), ("vs plain bf16", "vs_plain_bf16", ".2f")], rows)
+                f"{torch.get_num_threads()} threads, {ctx.device}, {flops / 1e9:.2f} GFLOP/step, "
+                f"median of {args.rounds} rounds of {args.steps} steps",
+                [("method", "label", "<32"), ("img/s", "img_per_s", ".1f"), ("ms/step", "ms_per_step", ".2f"),
+                 ("speed vs plain", "vs_plain", ".2f"), ("TFLOP/s", "tflops", ".3f")], rows)
     write_result(
         args.out, "train_throughput",
         device={"threads": torch.get_num_threads(), "device": str(ctx.device),
                 "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
         settings=vars(args) | {"out": str(args.out.name)},
-        img_per_s_median=median, img_per_s_rounds=rates,
-        ratios={"ours_bf16_vs_plain_fp32": median["dcgan-scale bf16"] / base_fp32,
-                "ours_bf16_vs_plain_bf16": median["dcgan-scale bf16"] / base_bf16,
-                "ours_fp32_vs_plain_fp32": median["dcgan-scale fp32"] / base_fp32,
-                "fused_vs_unfused_bf16": median.get("dcgan-scale bf16 fused kernels", float("nan"))
-                / median["dcgan-scale bf16"]})
+        flops_per_step=flops, rows=rows,
+        img_per_s_median={row["label"]: row["img_per_s"] for row in rows},
+        ms_per_step_rounds={f"{LABELS[m]} {p}": [1000 * t for t in ts] for (m, p), ts in seconds.items()})
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Streams a shard set with NVIDIA DALI: its webdataset reader, GPU ('mixed') decode when CUDA is
-present and CPU decode otherwise, normalised on the decode device to float N x C x H x W.
+present and CPU decode otherwise, to uint8 N x H x W x C batches on the decode device (the
+trainer scales them to the compute dtype in the same pass that casts them).
 
 Split: DALI's reader shards by sample, not by file: of num_shards contiguous slices of the
 set, rank r reads slice (r + epoch) mod world in epoch `epoch`, so every rank sees other data
@@ -52,8 +53,6 @@ def _build_pipeline(*, paths: list[str], index_paths: list[str], extension: str,
         else:
             images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu",
                                        output_type=types.GRAY if channels == 1 else types.RGB)
-        images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
-                                          mean=[127.5] * channels, std=[127.5] * channels)
         labels = fn.pad(labels, axes=[0], shape=[_LABEL_BYTES], fill_value=0)
         return images, labels
 

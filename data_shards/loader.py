@@ -72,10 +72,10 @@ class _WorkerStreams(torch.utils.data.IterableDataset):
 
 class ShardLoader:
     """The loader interface the trainer uses: `steps_per_epoch(epoch)`, `batches(epoch, start)`
-    yielding (float images N x C x H x W in [-1, 1] on `device`, int64 labels), and `skipped`.
+    yielding (uint8 images N x H x W x C on `device`, int64 labels), and `skipped`.
 
-    Workers batch uint8 pixels, so only bytes cross the process boundary; the scaling to
-    [-1, 1] happens on the training device.
+    Workers batch uint8 pixels, so only bytes cross the process boundary and the host-to-device
+    copy; for a CUDA device the DataLoader pins them, so that copy runs asynchronously.
     """
 
     def __init__(self, folder: str | Path, *, rank: int, world_size: int, batch_size: int, seed: int,
@@ -159,7 +159,7 @@ class ShardLoader:
             return iter(dataset)
         return iter(torch.utils.data.DataLoader(
             dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=4,
-            persistent_workers=False, multiprocessing_context="fork"))
+            persistent_workers=False, multiprocessing_context="fork", pin_memory=self.device.type == "cuda"))
 
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's batches of `epoch` from step `start_step` on, exactly `steps_per_epoch` in all."""
@@ -170,12 +170,15 @@ class ShardLoader:
         for images, labels, skipped in itertools.islice(stream, wanted):
             self.skipped += skipped
             produced += 1
-            yield to_model_range(images, self.device), labels
+            yield to_device(images, self.device), labels
         if produced < wanted:
             raise ShardSetError(f"rank {self.rank} read only {produced} of {wanted} batches of epoch {epoch} "
                                 f"from {self.folder}: too many shards are damaged ({self.skipped} items skipped)")
 
 
-def to_model_range(images: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """uint8 [0, 255] -> float32 [-1, 1] on `device` (the paper's scaling, no augmentation)."""
-    return images.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host batch onto the training device without making the host wait: from pinned memory
+    a CUDA copy is asynchronous (pageable memory would block until it is done)."""
+    if device.type == "cuda" and not images.is_pinned():
+        images = images.pin_memory()
+    return images.to(device, non_blocking=True)

@@ -145,7 +145,7 @@ def encode(image: np.ndarray, encoding: str, quality: int = 95) -> bytes:
 
 
 def decode_stored(data: bytes, encoding: str, shape: tuple[int, int, int]) -> np.ndarray:
-    """A stored sample -> uint8 C x H x W, the layout the loaders batch."""
+    """A stored sample -> uint8 H x W x C, the layout the loaders batch (see data_shards/loaders.py)."""
     if encoding == "raw":
         if len(data) != shape[0] * shape[1] * shape[2]:
             raise UndecodableImage(f"raw sample of {len(data)} bytes, expected {shape}")
@@ -154,7 +154,7 @@ def decode_stored(data: bytes, encoding: str, shape: tuple[int, int, int]) -> np
         array = decode_image(data, shape[2])
         if array.shape != shape:
             raise UndecodableImage(f"stored image is {array.shape}, manifest says {shape}")
-    return array.transpose(2, 0, 1)
+    return array
 
 
 def pixel_hash(image: np.ndarray) -> int:

@@ -80,3 +80,38 @@ def lsun_lmdb(tmp_path_factory):
     path = tmp_path_factory.mktemp("lsun") / "bedroom_train_lmdb"
     planted = build_sample_lsun(path, 600, near_duplicates=60, exact_duplicates=6, corrupt=6)
     return path, planted
+
+
+def engine_state(checkpoint, tag):
+    """Everything DeepSpeed saved for one engine: weights, Adam state, step counters."""
+    from trainer.checkpoint_io import safe_load
+
+    path = next((checkpoint / tag).glob("mp_rank_*_model_states.pt"))
+    return safe_load(path)
+
+
+def model_state(checkpoint, tag):
+    return engine_state(checkpoint, tag)["module"]
+
+
+def assert_same(a, b, exact=True, atol=0.0):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b) if exact else torch.allclose(a.float(), b.float(), atol=atol, rtol=0)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            if k not in ("ds_config", "ds_version"):
+                assert_same(a[k], b[k], exact, atol)
+    elif isinstance(a, (list, tuple)):
+        for x, y in zip(a, b, strict=True):
+            assert_same(x, y, exact, atol)
+
+
+@pytest.fixture(scope="session")
+def trained_run(fashion_shards, tmp_path_factory):
+    """An eager fp32 run of 30 steps with checkpoints at 20 and 30, which several tests compare against."""
+    run = tmp_path_factory.mktemp("run") / "r"
+    res = run_dcgan(*tiny_train_args(fashion_shards, run, "optim.max_steps=30", "checkpoint.every_steps=10",
+                                     "checkpoint.keep_last=2", "precision.dtype=fp32"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return run

@@ -58,7 +58,7 @@ def test_encodings_and_originals(lsun_lmdb, tmp_path):
         assert {"jpg" if encoding == "jpeg" else "u8", "orig.webp"} <= set(first) and "cls" not in set(first)
         ld = ShardLoader(out, rank=0, world_size=1, batch_size=16, seed=0, channels=3, resolution=64, num_workers=0)
         images, _ = next(iter(ld.batches(0)))
-        assert images.shape == (16, 3, 64, 64) and ld.skipped == 0
+        assert images.shape == (16, 64, 64, 3) and ld.skipped == 0
     assert len(first["u8"]) == 64 * 64 * 3
 
 

@@ -6,7 +6,7 @@ import torch
 from conftest import ArraySource, run_dcgan, tiny_train_args
 
 from data_shards.convert import ConvertOptions, convert_source
-from data_shards.loaders import open_loader
+from data_shards.loaders import open_loader, to_model_input
 
 pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is installed with the dev extra")
 
@@ -26,8 +26,8 @@ def by_label(kind, folder, rank=0, world=1, start=0, batch=8):
                      resolution=32, num_workers=2, shuffle_buffer=64, device="cpu")
     out = {}
     for images, labels in ld.batches(0, start):
-        assert images.shape[1:] == (3, 32, 32) and images.dtype == torch.float32
-        for image, label in zip(images, labels.tolist(), strict=True):
+        assert images.shape[1:] == (32, 32, 3) and images.dtype == torch.uint8
+        for image, label in zip(to_model_input(images), labels.tolist(), strict=True):
             out[label] = image
     return out, ld
 

@@ -10,6 +10,7 @@ from conftest import ArraySource
 from data_shards.convert import ConvertOptions, convert, convert_source
 from data_shards.idx import IdxError, read_idx
 from data_shards.loader import ShardLoader, round_robin_resume
+from data_shards.loaders import to_model_input
 from data_shards.manifest import Manifest, ShardSetError, read_manifest, sha256_file, write_manifest
 from data_shards.sources import fashion_mnist
 from data_shards.writer import write_shard
@@ -119,11 +120,17 @@ def test_round_robin_with_exhausted_worker():
     assert round_robin_resume(100, [1, 2]) == ([1, 2], [0, 1])
 
 
-def test_batches_are_float_nchw_in_unit_range(tmp_path):
+def test_batches_are_uint8_nhwc_and_become_channels_last_model_input(tmp_path):
     folder = unique_shards(tmp_path)
     images, labels = next(iter(loader(folder).batches(0)))
-    assert images.shape == (10, 1, 32, 32) and images.dtype == torch.float32 and labels.dtype == torch.int64
-    assert images.min() >= -1 and images.max() <= 1
+    assert images.shape == (10, 32, 32, 1) and images.dtype == torch.uint8 and labels.dtype == torch.int64
+    for dtype in (torch.float32, torch.bfloat16):
+        x = to_model_input(images, dtype)
+        assert x.shape == (10, 1, 32, 32) and x.dtype == dtype
+        assert x.is_contiguous(memory_format=torch.channels_last)
+        assert x.min() >= -1 and x.max() <= 1
+    x = to_model_input(torch.tensor([0, 255, 128], dtype=torch.uint8).view(1, 1, 3, 1))
+    assert x.flatten().tolist() == pytest.approx([-1.0, 1.0, 128 / 127.5 - 1], abs=1e-7)
 
 
 def test_shard_set_errors(tmp_path):

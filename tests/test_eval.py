@@ -91,7 +91,8 @@ def test_eval_images_are_the_training_pixels(fashion_shards):
     from data_shards.writer import read_shard
 
     data = load_fashion_mnist("train", TINY)
-    stored = [decode_stored(s["png"], "png", (32, 32, 1)) for s in read_shard(fashion_shards / "shard-000000.tar")]
+    stored = [decode_stored(s["png"], "png", (32, 32, 1)).transpose(2, 0, 1)
+              for s in read_shard(fashion_shards / "shard-000000.tar")]
     assert np.array_equal(np.stack(stored), data.images[:len(stored)])
     assert data.labels[:3].tolist() == [9, 0, 0]
     np.testing.assert_allclose(pixel_features(data.images[:2]).reshape(2, 1, 32, 32), data.images[:2] / 127.5 - 1,

@@ -28,6 +28,16 @@ from trainer.sampling import generate
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
+
+@pytest.fixture(autouse=True)
+def exact_fp32():
+    """fp32 means fp32 where these tests assert 1e-5: cuDNN's convolutions and the fused kernels'
+    dots would otherwise take TF32 (10-bit mantissa) on a GPU."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
 # every block of a (narrow) 64x64 generator, then odd sizes: channels that fill no tile, 1x1 and
 # 3x3 inputs, padding 0
 SHAPES = [(3, b.c_in, b.c_out, b.size_in, b.stride, b.padding) for b in generator_blocks(ngf=16)] + [

@@ -10,43 +10,11 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_dcgan, tiny_train_args
+from conftest import ROOT, assert_same, engine_state, model_state, run_dcgan, tiny_train_args
 from PIL import Image
 
 from trainer.checkpoint import list_checkpoints
 from trainer.checkpoint_io import CheckpointError, safe_load
-
-
-def engine_state(checkpoint, tag):
-    """Everything DeepSpeed saved for one engine: weights, Adam state, step counters."""
-    path = next((checkpoint / tag).glob("mp_rank_*_model_states.pt"))
-    return safe_load(path)
-
-
-def model_state(checkpoint, tag):
-    return engine_state(checkpoint, tag)["module"]
-
-
-def assert_same(a, b, exact=True, atol=0.0):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b) if exact else torch.allclose(a.float(), b.float(), atol=atol, rtol=0)
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for k in a:
-            if k not in ("ds_config", "ds_version"):
-                assert_same(a[k], b[k], exact, atol)
-    elif isinstance(a, (list, tuple)):
-        for x, y in zip(a, b, strict=True):
-            assert_same(x, y, exact, atol)
-
-
-@pytest.fixture(scope="module")
-def trained_run(fashion_shards, tmp_path_factory):
-    run = tmp_path_factory.mktemp("run") / "r"
-    res = run_dcgan(*tiny_train_args(fashion_shards, run, "optim.max_steps=30", "checkpoint.every_steps=10",
-                                     "checkpoint.keep_last=2", "precision.dtype=fp32"))
-    assert res.returncode == 0, res.stderr[-3000:]
-    return run
 
 
 def test_run_leaves_samples_checkpoints_metrics(trained_run):

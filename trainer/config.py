@@ -30,14 +30,20 @@ class ModelConfig:
     # G's conv-transpose + BatchNorm + ReLU blocks as fused Triton kernels where CUDA is present
     # (the PyTorch blocks otherwise); same parameters and state_dict either way
     fused_kernels: bool = False
+    # the step's networks and optimiser steps under torch.compile: inductor's fused kernels, and on
+    # CUDA graphs that replay a network's kernels with one launch (the host, not the GPU, bounds a
+    # DCGAN step there); costs a compilation at start (tens of seconds)
+    compile: bool = False
 
 
 @dataclass
 class DataConfig:
     shards: str = "data/fashion-mnist-32"  # a folder holding manifest.json and the tar shards
-    loader: str = "webdataset"  # webdataset | dali
+    loader: str = "webdataset"  # webdataset | dali | device (the rank's part of the set held in device memory)
     num_workers: int = 1
     shuffle_buffer: int = 5000
+    # what data.loader = "device" may hold, in GiB; 0: half of the device's free memory (host RAM on a CPU)
+    device_memory_gib: float = 0.0
 
 
 @dataclass
@@ -129,7 +135,8 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "model.ngf": (lambda v: v >= 1, ">= 1"),
     "model.ndf": (lambda v: v >= 1, ">= 1"),
     "model.init_std": (lambda v: v > 0, "> 0"),
-    "data.loader": (lambda v: v in ("webdataset", "dali"), "'webdataset' or 'dali'"),
+    "data.loader": (lambda v: v in ("webdataset", "dali", "device"), "'webdataset', 'dali' or 'device'"),
+    "data.device_memory_gib": (lambda v: v >= 0, ">= 0 (0: half of the free memory)"),
     "data.num_workers": (lambda v: v >= 0, ">= 0"),
     "data.shuffle_buffer": (lambda v: v >= 0, ">= 0"),
     "optim.batch_size": (lambda v: v >= 1, ">= 1"),

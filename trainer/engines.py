@@ -60,5 +60,11 @@ def build_engines(generator: torch.nn.Module, discriminator: torch.nn.Module, cf
         engine, *_ = deepspeed.initialize(model=module, model_parameters=module.parameters(),
                                           config=engine_config(cfg, world_size, precision))
         install_safe_loading(engine)
+        if cfg.precision.zero_stage == 0:
+            # channels_last weights keep every convolution and BatchNorm in NHWC, the layout cuDNN
+            # and oneDNN run fastest and the fused blocks write. Only now: DeepSpeed's start-up
+            # broadcast views each parameter as bytes, which needs NCHW strides, and ZeRO 1/2 make
+            # the parameters views of flat buffers (there the channels_last input still makes D NHWC)
+            module.to(memory_format=torch.channels_last)
         engines.append(engine)
     return GanEngines(*engines)

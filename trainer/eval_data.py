@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_shards.loader import to_model_range as loader_range
+from data_shards.loaders import to_model_input
 from data_shards.sources.fashion_mnist import DEFAULT_DIR as FASHION_MNIST_DIR
 from data_shards.sources.fashion_mnist import DatasetMissing, load_split
 from data_shards.transform import center_crop_resize
@@ -60,8 +60,8 @@ def to_model_pixels(images: np.ndarray, resolution: int, channels: int) -> np.nd
 
 
 def to_model_range(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 -> float32 in [-1, 1] on the CPU, by the training loader's own function."""
-    return loader_range(torch.as_tensor(pixels), "cpu")
+    """uint8 (N, C, H, W) -> float32 in [-1, 1] on the CPU, by the trainer's own function."""
+    return to_model_input(torch.as_tensor(pixels).permute(0, 2, 3, 1)).contiguous()
 
 
 def load_fashion_mnist(split: str, model: ModelConfig, root: str | Path | None = None) -> LabelledImages:

@@ -241,14 +241,14 @@ def _cache_folder(shards: Path, cache_dir: str | Path | None) -> Path:
 
 
 def shard_images(shards: Path, n: int, resolution: int, channels: int, seed: int = 0) -> Iterator[torch.Tensor]:
-    """The first n images (uint8, one by one) of the set in a seeded shuffled order."""
+    """The first n images (uint8 1 x C x H x W, one by one) of the set in a seeded shuffled order."""
     loader = ShardLoader(shards, rank=0, world_size=1, batch_size=1, seed=seed, channels=channels,
                          resolution=resolution, num_workers=0)
     if loader.manifest.total < n:
         raise EvalError(f"{shards} holds {loader.manifest.total} images, fewer than --n {n}")
     taken = 0
     for images, _, _ in loader.worker_batches(0, 0):
-        yield images
+        yield images.permute(0, 3, 1, 2)
         taken += 1
         if taken == n:
             return

@@ -56,7 +56,8 @@ class Trainer:
             cfg.data.loader, cfg.data.shards, rank=self.ctx.rank, world_size=self.ctx.world_size,
             batch_size=cfg.optim.batch_size // self.ctx.world_size, seed=cfg.optim.seed,
             channels=cfg.model.channels, resolution=cfg.model.resolution,
-            num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer, device=self.ctx.device)
+            num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer, device=self.ctx.device,
+            device_memory_gib=cfg.data.device_memory_gib)
         if self.loader.steps_per_epoch(0) == 0:
             raise ShardSetError(f"{cfg.data.shards} holds {self.loader.manifest.total} samples: fewer than one "
                                 f"batch of {cfg.optim.batch_size // self.ctx.world_size} per rank")
@@ -67,7 +68,12 @@ class Trainer:
                 print(f"note: model.fused_kernels: {reason}; G's blocks run in PyTorch", flush=True)
         self.engines: GanEngines = build_engines(generator.to(self.ctx.device), discriminator.to(self.ctx.device),
                                                  cfg, self.ctx.world_size, self.precision)
-        self.noise = torch.Generator().manual_seed(cfg.optim.seed * 100_003 + 1 + self.ctx.rank)
+        if cfg.model.compile:
+            from trainer.compiled import compile_step
+
+            compile_step(self.engines, self.ctx.device)
+        # on the training device: z costs no host work and no copy
+        self.noise = torch.Generator(self.ctx.device).manual_seed(cfg.optim.seed * 100_003 + 1 + self.ctx.rank)
         self.fixed_z = sample_z(64, cfg.model, torch.Generator().manual_seed(cfg.optim.seed), self.ctx.device)
         self.checkpointer = checkpointer or Checkpointer(self.run_dir / "checkpoints", self.ctx,
                                                          cfg.checkpoint.keep_last, cfg.to_dict())

@@ -123,9 +123,13 @@ def build_models(cfg: ModelConfig, seed: int) -> tuple[Generator, Discriminator]
 
 def sample_z(n: int, cfg: ModelConfig, generator: torch.Generator, device: torch.device | str = "cpu"
              ) -> torch.Tensor:
-    """Latent codes from the configured prior; drawn on CPU so a seed gives the same z anywhere."""
+    """Latent codes from the configured prior, drawn where `generator` lives, then moved to `device`.
+
+    A CPU generator gives the same z on any machine (sample grids, evaluation); the training
+    step draws from a generator on the training device, so z costs no host work or copy.
+    """
     if cfg.z_dist == "uniform":
-        z = torch.rand(n, cfg.z_dim, generator=generator) * 2 - 1
+        z = torch.rand(n, cfg.z_dim, generator=generator, device=generator.device).mul_(2).sub_(1)
     else:
-        z = torch.randn(n, cfg.z_dim, generator=generator)
+        z = torch.randn(n, cfg.z_dim, generator=generator, device=generator.device)
     return z.to(device, non_blocking=True)

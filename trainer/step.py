@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from data_shards.loaders import to_model_input
 from trainer.config import ModelConfig
 from trainer.distributed import DistContext, all_ranks_agree
 from trainer.engines import GanEngines
@@ -98,6 +99,8 @@ class GanStep:
         self.precision, self.model, self.ctx = precision, model, ctx
         self.noise, self.on_nonfinite = noise, on_nonfinite
         self.watch = NonFiniteWatch(ctx.device)
+        # D reads real images in the compute dtype (autocast would cast them to it anyway)
+        self.input_dtype = precision.dtype or torch.float32
 
     def raise_if_nonfinite(self) -> None:
         """Stop (NonFiniteLoss) if a loss was not finite since the run started; a host sync.
@@ -112,8 +115,10 @@ class GanStep:
         # "skip" must decide now whether to step the optimiser: one host sync (and all-reduce) per loss
         return all_ranks_agree(bool(torch.isfinite(loss)), self.ctx.device)
 
-    def __call__(self, real: torch.Tensor, step: int) -> dict[str, torch.Tensor] | None:
-        """Returns the step's statistics, or None if it was skipped for a non-finite loss."""
+    def __call__(self, images: torch.Tensor, step: int) -> dict[str, torch.Tensor] | None:
+        """One step on a loader's batch (uint8 N x H x W x C on the device). Returns the step's
+        statistics, or None if it was skipped for a non-finite loss."""
+        real = to_model_input(images, self.input_dtype)
         z = sample_z(real.shape[0], self.model, self.noise, self.ctx.device)
         fake = self.G(z)
 
