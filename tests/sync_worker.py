@@ -47,12 +47,16 @@ def main() -> None:
     clipped = []  # the paper clips no gradients; DeepSpeed would, by default
     clip = ds_engine.clip_grad_norm_
     ds_engine.clip_grad_norm_ = lambda *a, **k: clipped.append(1) or clip(*a, **k)
+    reduced = []  # one rank has nothing to all-reduce; DeepSpeed would flatten and copy every gradient anyway
+    reduce = ds_engine.DeepSpeedEngine.allreduce_gradients
+    ds_engine.DeepSpeedEngine.allreduce_gradients = lambda *a, **k: reduced.append(1) or reduce(*a, **k)
     _counting(torch.cpu, "synchronize")
     _counting(torch.cuda, "synchronize")
     per_step: list[int] = []
     trainer.step_hooks.append(lambda t: per_step.append(sum(CALLS.values())))
     trainer.fit()
-    print(json.dumps({"cumulative": per_step, "calls": dict(CALLS), "where": WHERE, "clipped": len(clipped)}))
+    print(json.dumps({"cumulative": per_step, "calls": dict(CALLS), "where": WHERE, "clipped": len(clipped),
+                      "allreduced": len(reduced)}))
 
 
 if __name__ == "__main__":

@@ -32,3 +32,4 @@ def test_steps_between_windows_make_no_host_sync(fashion_shards, tmp_path, on_no
     assert set(between.values()) == {0}, (between, report["where"])
     assert set(at_window.values()) == {WINDOW_READS}, (at_window, report["where"])
     assert report["clipped"] == 0  # no gradient clipping, as in the paper (DeepSpeed's default clips at 1.0)
+    assert report["allreduced"] == 0  # one rank, ZeRO 0: no gradient all-reduce
