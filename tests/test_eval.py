@@ -68,7 +68,7 @@ def tiny_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trained_run(fashion_shards, tmp_path_factory):
+def two_step_run(fashion_shards, tmp_path_factory):
     """A real run's checkpoint, as DeepSpeed's engines write it (2 steps: ~4 s)."""
     run = tmp_path_factory.mktemp("trained") / "run"
     res = run_dcgan(*tiny_train_args(fashion_shards, run, "optim.max_steps=2", "checkpoint.every_steps=2",
@@ -99,7 +99,7 @@ def test_eval_images_are_the_training_pixels(fashion_shards):
                                atol=1e-6)
 
 
-def test_loaders_read_the_checkpoint(tiny_run, trained_run):
+def test_loaders_read_the_checkpoint(tiny_run, two_step_run):
     cfg, generator = load_generator(tiny_run)
     _, discriminator = load_discriminator(tiny_run)
     assert cfg.model.ngf == 8 and not generator.training and not discriminator.training
@@ -107,8 +107,8 @@ def test_loaders_read_the_checkpoint(tiny_run, trained_run):
     assert torch.equal(generator.net[0].weight, expected_g.net[0].weight)
     assert torch.equal(discriminator.features[0].weight, expected_d.features[0].weight)
     # the real trainer's files: D has moved from its initialisation, its BN statistics too
-    cfg, generator = load_generator(trained_run)
-    _, discriminator = load_discriminator(trained_run / "checkpoints" / "step-00000002")
+    cfg, generator = load_generator(two_step_run)
+    _, discriminator = load_discriminator(two_step_run / "checkpoints" / "step-00000002")
     start_g, start_d = build_models(cfg.model, cfg.optim.seed)
     assert not torch.equal(discriminator.features[0].weight, start_d.features[0].weight)
     assert not torch.equal(discriminator.features[3].running_mean, start_d.features[3].running_mean)
@@ -171,9 +171,9 @@ def test_label_subsets_are_balanced_reproducible_and_from_train():
     assert len(labelled_subsets(labels, 1005, 1, seed=0)[0]) == 1005
 
 
-def test_feature_protocol_end_to_end(trained_run, tmp_path):
+def test_feature_protocol_end_to_end(two_step_run, tmp_path):
     out = tmp_path / "eval"
-    res = run_dcgan("eval", "features", "--checkpoint", str(trained_run), "--train-limit", "2000",
+    res = run_dcgan("eval", "features", "--checkpoint", str(two_step_run), "--train-limit", "2000",
                     "--test-limit", "500", "--labels", "200", "--subsets", "2", "--mnist-train", "2000",
                     "--cv-limit", "900", "--out", str(out), timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -355,9 +355,9 @@ def test_inception_fid_same_set_near_zero_noised_set_far(inception, fashion_shar
     assert kid_far > 0.05 and kid_far > 5 * abs(kid_same)
 
 
-def test_fid_command_caches_reference(trained_run, fashion_shards, tmp_path):
+def test_fid_command_caches_reference(two_step_run, fashion_shards, tmp_path):
     cache = tmp_path / "cache"
-    args = ["eval", "fid", "--checkpoint", str(trained_run), "--shards", str(fashion_shards), "--n", "6",
+    args = ["eval", "fid", "--checkpoint", str(two_step_run), "--shards", str(fashion_shards), "--n", "6",
             "--batch-size", "6", "--kid-subsets", "4", "--cache-dir", str(cache)]
     res = run_dcgan(*args, "--out", str(tmp_path / "first.json"), timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
