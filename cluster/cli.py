@@ -100,7 +100,8 @@ def _stop_launcher(launcher: subprocess.Popen, signum: int) -> None:
 
 def _train_here(cfg, args: argparse.Namespace) -> int:
     """This process is the rank (a single process, or one rank under torchrun / deepspeed)."""
-    from trainer.checkpoint import earlier_run_error, list_checkpoints
+    from data_shards.manifest import read_manifest_for
+    from trainer.checkpoint import earlier_run_error, list_checkpoints, resolve_checkpoint
     from trainer.loop import Trainer
 
     earlier = list_checkpoints(Path(cfg.logging.run_dir) / "checkpoints")
@@ -109,6 +110,10 @@ def _train_here(cfg, args: argparse.Namespace) -> int:
         resume = cfg.logging.run_dir if earlier else None
     elif earlier and not resume:
         raise earlier_run_error(cfg.logging.run_dir, earlier[-1].name)
+    # a typo in a path fails here, in a second, not after the ranks and engines are up
+    read_manifest_for(cfg.data.shards, cfg.model.resolution, cfg.model.channels)
+    if resume:
+        resolve_checkpoint(resume)
     trainer = Trainer(cfg)
     if resume:
         trainer.resume(resume)
@@ -276,6 +281,22 @@ def cmd_data_sample_lsun(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_verify(args: argparse.Namespace) -> int:
+    from data_shards.manifest import verify_shards
+
+    manifest, problems = verify_shards(args.shards, args.workers)
+    for shard, problem in problems:
+        print(f"{Path(args.shards) / shard.name}: {problem}")
+    if problems:
+        lost = sum(shard.count for shard, _ in problems)
+        print(f"{args.shards}: {len(problems)} of {len(manifest.shards)} shards differ from the manifest "
+              f"({lost} of {manifest.total} samples); restore them or convert again with --overwrite")
+        return 1
+    print(f"{args.shards}: all {len(manifest.shards)} shards match the manifest (size and sha256, "
+          f"{manifest.total} samples)")
+    return 0
+
+
 def cmd_monitor(args: argparse.Namespace) -> int:
     from cluster.monitor import start_prometheus, stop_prometheus, write_config
     from trainer.config import load_config
@@ -414,6 +435,12 @@ def build_parser() -> argparse.ArgumentParser:
     sample_lsun.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     sample_lsun.set_defaults(func=cmd_data_sample_lsun)
 
+    verify = data.add_parser("verify", help="check every shard's size and sha256 against the manifest "
+                                            "(exit 1 when any differs)")
+    verify.add_argument("shards", help="a shard folder (with manifest.json)")
+    verify.add_argument("--workers", type=int, default=0, help="shards hashed at once (default: one per core)")
+    verify.set_defaults(func=cmd_data_verify)
+
     bench = sub.add_parser("bench", help="microbenchmarks").add_subparsers(dest="bench_command", required=True)
     kernels = bench.add_parser("kernels", add_help=False,
                                help="generator blocks: PyTorch eager vs torch.compile vs fused Triton "
@@ -456,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--batch-size", type=int, default=50)
     fid.add_argument("--seed", type=int, default=0, help="z of the samples and the order of the shard images")
     fid.add_argument("--kid-subsets", type=int, default=100)
-    fid.add_argument("--kid-subset-size", type=int, default=1000, help="images per KID subset (at most --n)")
+    fid.add_argument("--kid-subset-size", type=int, default=1000, help="images per KID subset (at most half of --n)")
     fid.add_argument("--kid-keep", type=int, default=10_000,
                      help="features kept per side for KID (a uniform random subset when --n is larger)")
     fid.add_argument("--cache-dir", default=None, help="reference statistics cache (default: SHARDS/.fid-cache)")

@@ -4,6 +4,7 @@ Ray copies each rank's staged folder into `storage_path/checkpoints/step-XXXXXXX
 file system or an object store), registers the checkpoint only once every rank's copy has
 finished, keeps the newest `checkpoint.keep_last`, and hands the newest to restarted workers
 through `ray.train.get_checkpoint()`. Nodes therefore need no shared disk for checkpoints.
+Loading is the shared `CheckpointStore.load`: the same checks and the same safe unpickling.
 """
 
 from __future__ import annotations
@@ -15,7 +16,16 @@ from typing import Any
 
 import ray.train
 
-from trainer.checkpoint import CheckpointStore, TrainState, checkpoint_name, write_checkpoint_parts
+from trainer.checkpoint import (
+    CheckpointStore,
+    CheckpointWriteError,
+    TrainState,
+    checkpoint_name,
+    tree_bytes,
+    write_checkpoint_parts,
+    write_failure,
+)
+from trainer.distributed import all_ranks_agree
 from trainer.engines import GanEngines
 
 
@@ -24,7 +34,17 @@ class RayCheckpointer(CheckpointStore):
         name = checkpoint_name(state.step)
         staging = Path(tempfile.mkdtemp(prefix="dcgan-checkpoint-"))
         try:
-            write_checkpoint_parts(staging / name, state, engines, rank_state, self.ctx, self.config)
+            failed: OSError | None = None
+            try:
+                write_checkpoint_parts(staging / name, state, engines, rank_state, self.ctx, self.config)
+            except OSError as e:
+                failed = e
+            # every rank raises when any failed, instead of the others waiting in report() for a part that never comes
+            if not all_ranks_agree(failed is None, self.ctx.device):
+                if failed is None:
+                    raise CheckpointWriteError(f"another rank could not stage its part of checkpoint {name} (its "
+                                               "error says why); the earlier checkpoints are untouched")
+                raise write_failure(failed, name, staging / name, tree_bytes(staging), None) from None
             # a barrier across the workers: it returns once every rank's part is in storage
             ray.train.report({"step": state.step, "epoch": state.epoch},
                              checkpoint=ray.train.Checkpoint.from_directory(str(staging / name)),

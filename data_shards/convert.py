@@ -11,6 +11,11 @@
    pixels, found from the 64-bit pixel hashes in the sidecars) are removed from the later
    shards, and manifest.json is written last: a shard set without a manifest is incomplete.
 
+A disk (or quota) that fills up stops the conversion with one line saying which file did not
+fit and about how much the rest needs; the other workers are stopped, temp files removed, and
+finished shards kept, so the same command resumes once there is room. Temp files of shards that a
+killed run left behind are removed when those shards are redone.
+
 Memory stays flat while converting (each worker holds one shard's images at most, the main
 process one summary per shard); finalize holds one 8-byte hash per image.
 """
@@ -20,6 +25,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +38,7 @@ from data_shards.manifest import (
     Manifest,
     ShardInfo,
     atomic_write_bytes,
+    out_of_space,
     read_manifest,
     write_manifest,
 )
@@ -45,7 +52,7 @@ from data_shards.transform import (
     encode,
     pixel_hash,
 )
-from data_shards.writer import read_shard, write_shard
+from data_shards.writer import read_shard, shard_temp_files, write_shard
 
 PROGRESS = ".progress"
 
@@ -112,7 +119,8 @@ def make_plan(source: Source, out: Path, opts: ConvertOptions) -> list[dict]:
             shards.append({"first_key": key, "count": 0})
         shards[-1]["count"] += 1
     if not shards:
-        raise ConversionError(f"source {settings['source']} holds no items")
+        described = settings["source"]
+        raise ConversionError(f"the {described.get('kind', '')} source {described.get('path', '')} holds no items")
     path.parent.mkdir(parents=True, exist_ok=True)
     _write_json(path, {"settings": settings, "shards": shards})
     return shards
@@ -220,6 +228,11 @@ def _remove_exact_duplicates_across_shards(out: Path, sidecars: list[dict]) -> N
 def finalize(out: Path, source: Source, opts: ConvertOptions, num_shards: int) -> Manifest:
     sidecars = [json.loads(_sidecar(out, i).read_text()) for i in range(num_shards)]
     _remove_exact_duplicates_across_shards(out, sidecars)
+    if not any(s["shard"]["count"] for s in sidecars):
+        skipped = [item for s in sidecars for item in s["skipped"]]
+        example = f" (e.g. {skipped[0]['key']}: {skipped[0]['reason']})" if skipped else ""
+        raise ConversionError(f"no image could be converted into {out}: all {len(skipped)} items were "
+                              f"skipped{example}")
     manifest = Manifest(
         source=source.describe(),
         transform=opts.transform(),
@@ -232,46 +245,110 @@ def finalize(out: Path, source: Source, opts: ConvertOptions, num_shards: int) -
         if s["shard"]["count"] == 0:
             for path in (out / s["shard"]["name"], (out / s["shard"]["name"]).with_suffix(".idx")):
                 path.unlink(missing_ok=True)
+    for stale in out.glob(f".{MANIFEST_NAME}.*.tmp"):  # a finalize killed before its rename
+        stale.unlink(missing_ok=True)
     write_manifest(out, manifest)
     return manifest
 
 
-def convert_source(source: Source, out: str | Path, opts: ConvertOptions, overwrite: bool = False,
-                   progress: bool = True) -> Manifest | None:
-    """Convert (or finish converting) `source` into `out`. Returns the manifest, or None when
-    this was one part of a multi-machine conversion and other parts are still missing."""
-    opts.check()
-    out = Path(out)
-    if (out / MANIFEST_NAME).is_file() and not overwrite:
-        return read_manifest(out)  # already converted: conversion is idempotent
-    if overwrite:
-        for path in [*out.glob("shard-*"), *out.glob(f"{PROGRESS}/*"), out / MANIFEST_NAME]:
-            path.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    shards = make_plan(source, out, opts)
-    part, parts = opts.part
-    mine = range(part * len(shards) // parts, (part + 1) * len(shards) // parts)
-    pending = [(i, shards[i]["first_key"], shards[i]["count"]) for i in mine if not _sidecar(out, i).is_file()]
+def _remove_temp_files(out: Path, indices: list[int]) -> None:
+    """What a killed or failed run left of these shards under temp names: each takes disk space
+    until it is overwritten. Only this run's own shards: other parts may be writing theirs."""
+    for i in indices:
+        for tmp in shard_temp_files(out / _shard_name(i)):
+            tmp.unlink(missing_ok=True)
+        for tmp in (out / PROGRESS).glob(f".{_sidecar(out, i).name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
+def _convert_pending(source: Source, out: Path, opts: ConvertOptions, pending: list[tuple[int, str, int]],
+                     bar: tqdm) -> None:
     workers = max(1, min(opts.workers or os.cpu_count() or 1, len(pending) or 1))
-    bar = tqdm(total=sum(s["count"] for s in shards[mine.start:mine.stop]), unit="img", disable=not progress,
-               initial=sum(shards[i]["count"] for i in mine) - sum(job[2] for job in pending))
+    pool = None
     if workers == 1:
         _init_worker(source, out, opts)
         results = map(_convert_shard_job, pending)
     else:
         pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (source, out, opts))
         results = pool.imap_unordered(_convert_shard_job, pending)
+    planned = {index: count for index, _, count in pending}
     try:
         for result in results:
-            bar.update(shards[result["index"]]["count"])
+            bar.update(planned[result["index"]])
+    except BaseException:
+        if pool is not None:  # stop the other workers now: closing would run every queued shard first
+            pool.terminate()
+            pool.join()
+            pool = None
+        _remove_temp_files(out, [job[0] for job in pending])
+        raise
     finally:
-        if workers > 1:
+        if pool is not None:
             pool.close()
             pool.join()
-        bar.close()
-    if not all(_sidecar(out, i).is_file() for i in range(len(shards))):
-        return None
-    return finalize(out, source, opts, len(shards))
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _out_of_space_message(out: Path, error: OSError, shards: list[dict], mine: range) -> str:
+    """One line: which file did not fit, what is free, and what the rest of the conversion needs."""
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    head = f"{error.filename or out}: {error.strerror} ({_size(shutil.disk_usage(existing).free)} free there)"
+    done = [json.loads(_sidecar(out, i).read_text())["shard"] for i in mine if _sidecar(out, i).is_file()]
+    left = sum(shards[i]["count"] for i in mine if not _sidecar(out, i).is_file())
+    samples_done = sum(d["count"] for d in done)
+    if not shards:
+        need = "not even the conversion's plan fit"
+    elif samples_done and left:
+        per_sample = sum(d["bytes"] for d in done) / samples_done
+        need = (f"the {left} samples not yet converted need about {_size(left * per_sample)} more "
+                f"({_size(per_sample)} each in the {len(done)} finished shards, which are kept)")
+    elif left:
+        need = f"the {left} samples to convert need more than that (no shard was finished)"
+    else:
+        need = "the shards are written; finishing the set needs a little more (the manifest, at most a rewritten shard)"
+    return f"{head}: {need}; free some space or convert elsewhere, then run the same command again"
+
+
+def convert_source(source: Source, out: str | Path, opts: ConvertOptions, overwrite: bool = False,
+                   progress: bool = True) -> Manifest | None:
+    """Convert (or finish converting) `source` into `out`. Returns the manifest, or None when
+    this was one part of a multi-machine conversion and other parts are still missing. A full
+    disk is a ConversionError of one line; what was finished is kept for the next run."""
+    opts.check()
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConversionError(f"--out {out} is a file; conversion writes a folder of shards")
+    if (out / MANIFEST_NAME).is_file() and not overwrite:
+        return read_manifest(out)  # already converted: conversion is idempotent
+    shards: list[dict] = []
+    mine = range(0)
+    try:
+        if overwrite:
+            for path in [*out.glob("shard-*"), *out.glob(f"{PROGRESS}/*"), out / MANIFEST_NAME]:
+                path.unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        shards = make_plan(source, out, opts)
+        part, parts = opts.part
+        mine = range(part * len(shards) // parts, (part + 1) * len(shards) // parts)
+        pending = [(i, shards[i]["first_key"], shards[i]["count"]) for i in mine if not _sidecar(out, i).is_file()]
+        _remove_temp_files(out, [job[0] for job in pending])
+        with tqdm(total=sum(s["count"] for s in shards[mine.start:mine.stop]), unit="img", disable=not progress,
+                  initial=sum(shards[i]["count"] for i in mine) - sum(job[2] for job in pending)) as bar:
+            _convert_pending(source, out, opts, pending, bar)
+        if not all(_sidecar(out, i).is_file() for i in range(len(shards))):
+            return None
+        return finalize(out, source, opts, len(shards))
+    except OSError as e:
+        if not out_of_space(e):
+            raise
+        raise ConversionError(_out_of_space_message(out, e, shards, mine)) from None
 
 
 def load_skip_keys(path: str | Path | None) -> dict[str, str]:

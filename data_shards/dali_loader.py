@@ -13,19 +13,22 @@ decodes (the WebDataset loader drops them before decoding).
 
 Damage: DALI stops on an undecodable image, so the loader trusts what conversion verified
 (every stored image was decoded once then) and checks at start that each shard still has its
-manifest size; a shard that does not is left out and counted in `skipped`.
+manifest size; a shard that does not is left out, named in a warning and its samples counted in
+`skipped`. Bytes changed in place (same size) are found by hashing, `dcgan data verify`, not at
+every start; should DALI meet such a sample it stops the run with one line that says so.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from data_shards.manifest import ShardSetError, read_manifest_for
+from data_shards.manifest import ShardSetError, read_manifest_for, size_mismatches
 from data_shards.transform import EXTENSIONS
 
 log = logging.getLogger(__name__)
@@ -82,11 +85,16 @@ class DaliLoader:
         self.shuffle_buffer = shuffle_buffer
         self.device = torch.device(device)
         self.skipped = 0
+        # a shard whose size changed is left out whole: the index DALI's reader seeks by was made for the
+        # shard as converted, and past a cut it would read garbage or fail
+        changed = {shard.name: problem for shard, problem in size_mismatches(self.folder, self.manifest.shards)}
         self.shards = []
         for shard in self.manifest.shards:
             path = self.folder / shard.name
-            if path.stat().st_size != shard.bytes:
-                log.warning("%s is %d bytes, the manifest says %d: left out", path, path.stat().st_size, shard.bytes)
+            if shard.name in changed:
+                log.warning("%s: %s in the manifest: left out, its %d samples counted as skipped; "
+                            "`dcgan data verify %s` checks every shard", path, changed[shard.name], shard.count,
+                            self.folder)
                 self.skipped += shard.count
                 continue
             if not path.with_suffix(".idx").is_file():
@@ -111,8 +119,24 @@ class DaliLoader:
             shuffle_buffer=self.shuffle_buffer, batch_size=self.batch_size, num_threads=self.num_threads,
             device_id=self.device.index if self.device.type == "cuda" else None,
             seed=(self.seed * 1_000_003 + epoch) * 1_009 + self.rank)
-        iterator = DALIGenericIterator([pipe], ["images", "labels"], reader_name="reader",
-                                       last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
-        for batch in itertools.islice(iterator, start_step, self.steps_per_epoch(epoch)):
-            images = batch[0]["images"]
-            yield images.to(self.device, non_blocking=True), _parse_labels(batch[0]["labels"])
+        try:  # the iterator runs the pipeline from its construction on
+            iterator = DALIGenericIterator([pipe], ["images", "labels"], reader_name="reader",
+                                           last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
+            for batch in itertools.islice(iterator, start_step, self.steps_per_epoch(epoch)):
+                images = batch[0]["images"]
+                yield images.to(self.device, non_blocking=True), _parse_labels(batch[0]["labels"])
+        except RuntimeError as e:
+            raise _data_error(e, self.folder) from None
+
+
+def _data_error(error: RuntimeError, folder: Path) -> BaseException:
+    """DALI's error for bytes it cannot read or decode, as one line; any other error as it is."""
+    text = str(error)
+    if "Critical error in pipeline" not in text:
+        return error
+    operator = re.search(r"operator `([^`]+)`", text)
+    detail = re.search(r"encountered:\s*\n\s*(\S[^\n]*)", text)
+    what = ", ".join(m.group(1) for m in (operator, detail) if m) or text.splitlines()[0]
+    return ShardSetError(f"DALI could not read or decode a sample of {folder} ({what}) and cannot skip one: "
+                         f"`dcgan data verify {folder}` names shards changed since conversion; data.loader = "
+                         "'webdataset' or 'device' skips and counts undecodable samples")

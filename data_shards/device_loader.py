@@ -23,7 +23,8 @@ last full batch differ each epoch. (CPU and CUDA generators differ, so the order
 the device kind too.) There is no shuffle buffer: the shuffle is complete.
 
 Damage: an undecodable image, a sample without one, a truncated shard: the samples this rank's
-range promised and did not get are counted in `skipped`, never fatal. The step count stays the
+range promised and did not get are counted in `skipped`, never fatal (a shard whose size is not
+the manifest's is named in a warning too; `dcgan data verify` hashes every shard). The step count stays the
 manifest's, the same on every rank, so a rank short of samples continues its permutation with
 another one (a few samples twice that epoch) rather than disagree with the other ranks on the
 number of steps; one left with less than a batch raises ShardSetError.
@@ -35,6 +36,7 @@ the available host memory on a CPU), and a set that does not fit is refused in o
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -46,10 +48,11 @@ import torch
 import webdataset as wds
 
 from data_shards.loader import _stream_seed
-from data_shards.manifest import Manifest, ShardSetError, read_manifest_for
+from data_shards.manifest import Manifest, ShardSetError, read_manifest_for, size_mismatches
 from data_shards.transform import EXTENSIONS, UndecodableImage, decode_stored
 
 GIB = 1 << 30
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,11 @@ class DeviceLoader:
                 f"({resolution}x{resolution}x{channels} uint8) need {self.bytes_needed / GIB:.3g} GiB, over the "
                 f"budget of {budget / GIB:.3g} GiB ({what}); allow more with data.device_memory_gib, use more "
                 f"ranks, or set data.loader = 'webdataset'")
+        parts = {Path(part.path).name for part in self._parts()}
+        mine = [shard for shard in self.manifest.shards if shard.name in parts]
+        for shard, problem in size_mismatches(self.folder, mine):
+            log.warning("%s: %s in the manifest: read as far as it goes, what it lacks is counted as skipped; "
+                        "`dcgan data verify %s` checks every shard", self.folder / shard.name, problem, self.folder)
         images = torch.empty((wanted, *self.shape), dtype=torch.uint8, device=self.device)
         labels = torch.empty(wanted, dtype=torch.int64)
         held = 0

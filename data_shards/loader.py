@@ -11,24 +11,39 @@ decode.
 Every rank runs the same number of steps per epoch (the smallest rank's count of full batches),
 so no rank waits in a collective for another; samples past that, and each worker's last partial
 batch, are left for the next epoch's permutation (at most world_size * num_workers * batch per
-epoch). A corrupt sample or a truncated shard is skipped and counted (`skipped`); should that
-leave a rank short of its step count, it tops up from the start of its own stream, so ranks
-never disagree on the number of steps.
+epoch). A worker decodes only the batches its rank will take (the round robin tells it how many).
+
+Damage: an undecodable sample is skipped and counted (`skipped`). A shard cut short or gone is
+read as far as it goes: each worker counts the samples every one of its shards delivered and,
+when that shard's stream has ended, counts those the manifest promised and it did not get, so
+`skipped` grows by the samples actually lost (samples dropped to resume are delivered, not lost).
+Each worker reads its shards to the end even past its last batch, and the rank takes its
+workers' last reports after its last batch, so every epoch counts all of the rank's damage once
+(shards whose size differs from the manifest are also named in a warning at start). Should
+damage leave a rank short of its step count, it tops up from the start of its own stream (what
+that re-reads is not counted twice), so ranks never disagree on the number of steps.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import random
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 import webdataset as wds
 
-from data_shards.manifest import Manifest, ShardSetError, read_manifest_for
+from data_shards.manifest import Manifest, ShardSetError, read_manifest_for, size_mismatches
 from data_shards.transform import EXTENSIONS, UndecodableImage, decode_stored
+
+log = logging.getLogger(__name__)
+# what a worker reports with each batch: the damage it found since the last one, as {what: samples},
+# where `what` names a shard (samples it lost) or a shard's sample (one that did not decode)
+Damage = dict[str, int]
 
 
 def _stream_seed(*parts: int) -> int:
@@ -60,14 +75,15 @@ def round_robin_resume(k: int, batches_per_worker: list[int]) -> tuple[list[int]
 class _WorkerStreams(torch.utils.data.IterableDataset):
     """One epoch of one rank; each DataLoader worker reads its own slice of the rank's shards."""
 
-    def __init__(self, loader: ShardLoader, epoch: int, skip_batches: list[int], order: list[int]):
+    def __init__(self, loader: ShardLoader, epoch: int, skip_batches: list[int], order: list[int], quota: list[int]):
         super().__init__()
-        self.loader, self.epoch, self.skip_batches, self.order = loader, epoch, skip_batches, order
+        self.loader, self.epoch, self.skip_batches, self.order, self.quota = loader, epoch, skip_batches, order, quota
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, Damage]]:
         info = torch.utils.data.get_worker_info()
         worker = self.order[0 if info is None else info.id]
-        yield from self.loader.worker_batches(self.epoch, worker, self.skip_batches[worker])
+        yield from self.loader.worker_batches(self.epoch, worker, self.skip_batches[worker], self.quota[worker],
+                                              report_at_end=True)
 
 
 class ShardLoader:
@@ -95,6 +111,9 @@ class ShardLoader:
             raise ShardSetError(
                 f"{self.folder} has {len(self.manifest.shards)} shards but {world_size} rank(s) x "
                 f"{max(num_workers, 1)} worker(s) need at least {streams}; convert with a smaller --shard-size")
+        for shard, problem in size_mismatches(self.folder, self.manifest.shards):
+            log.warning("%s: %s in the manifest: read as far as it goes, what it lacks is counted as skipped; "
+                        "`dcgan data verify %s` checks every shard", self.folder / shard.name, problem, self.folder)
 
     # --- the deterministic split ---------------------------------------------------------------
     def _shard_order(self, epoch: int) -> list[int]:
@@ -123,57 +142,110 @@ class ShardLoader:
         labels = torch.tensor([s[1] for s in samples], dtype=torch.int64)
         return images, labels
 
-    def worker_batches(self, epoch: int, worker: int, skip_batches: int = 0
-                       ) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-        """One worker's batches as (uint8 images, labels, items skipped since the last batch)."""
-        urls = [str(self.folder / self.manifest.shards[i].name) for i in self._worker_shards(epoch, self.rank, worker)]
+    def worker_batches(self, epoch: int, worker: int, skip_batches: int = 0, quota: int | None = None,
+                       report_at_end: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, Damage]]:
+        """One worker's batches as (uint8 images, labels, damage found since the last batch), its
+        batches from `skip_batches` up to `quota` (None: all). Past the quota the shards are still
+        read to their end, undecoded, so that what they lack is known; with `report_at_end`, damage
+        found after the last batch comes as one more item with no images."""
+        shards = [self.manifest.shards[i] for i in self._worker_shards(epoch, self.rank, worker)]
+        urls = [str(self.folder / shard.name) for shard in shards]
+        promised = {url: shard.count for url, shard in zip(urls, shards, strict=True)}
         rng = random.Random(_stream_seed(self.seed, epoch, self.rank, worker))
-        skipped = 0
+        delivered: Counter[str] = Counter()
+        damage: Damage = {}
 
-        def count_and_continue(exn: Exception) -> bool:  # a truncated tar or an unreadable member
-            nonlocal skipped
-            skipped += 1
-            return True
+        def settle(url: str) -> None:  # this shard's stream has ended: what it did not deliver is lost
+            lost = promised.pop(url) - delivered[url]
+            if lost > 0:
+                damage[url.rpartition("/")[2]] = lost
 
-        stages = [wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=count_and_continue)]
+        def count_delivered(samples: Iterable[dict]) -> Iterator[dict]:
+            # before the shuffle buffer, where a worker reads its shards one after the other
+            current = None
+            for sample in samples:
+                url = sample["__url__"]
+                if url != current:
+                    if current in promised:
+                        settle(current)
+                    current = url
+                if self.extension in sample:  # else a sample cut short (or stored without an image): lost
+                    delivered[url] += 1
+                    yield sample
+            for url in list(promised):  # the last shard, and any that delivered nothing at all
+                settle(url)
+
+        # a truncated tar or an unreadable member ends its shard or drops the member: the samples that go
+        # missing that way are counted by count_delivered
+        stages = [wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=lambda _: True), count_delivered]
         if self.shuffle_buffer > 1:
             stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng))
         samples = itertools.islice(iter(wds.DataPipeline(*stages)), skip_batches * self.batch_size, None)
         batch: list[tuple[np.ndarray, int]] = []
+        produced = skip_batches
         for sample in samples:
+            if quota is not None and produced >= quota:
+                continue  # no batch of ours is taken past the quota: read on without decoding
             try:
                 batch.append(self._decode(sample))
-            except (UndecodableImage, KeyError, ValueError):
-                # an undecodable image, a sample without one, a label that is no int: counted, never
-                # fatal; any other exception is a bug, not damaged data, and must not be counted away
-                skipped += 1
+            except (UndecodableImage, ValueError):
+                # an undecodable image or a label that is no int: counted, never fatal; any other
+                # exception is a bug, not damaged data, and must not be counted away
+                damage[f"{sample['__url__'].rpartition('/')[2]}/{sample['__key__']}"] = 1
                 continue
             if len(batch) == self.batch_size:
-                yield self._collate(batch) + (skipped,)
-                batch, skipped = [], 0
+                yield self._collate(batch) + (damage,)
+                batch, damage = [], {}
+                produced += 1
+        if damage and report_at_end:
+            empty = torch.empty((0, *self.shape), dtype=torch.uint8), torch.empty(0, dtype=torch.int64)
+            yield empty + (damage,)
 
-    def _rank_stream(self, epoch: int, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-        skip, order = round_robin_resume(start_step, self._worker_batch_counts(epoch, self.rank))
-        dataset = _WorkerStreams(self, epoch, skip, order)
+    def _rank_stream(self, epoch: int, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, Damage]]:
+        counts = self._worker_batch_counts(epoch, self.rank)
+        skip, order = round_robin_resume(start_step, counts)
+        quota, _ = round_robin_resume(self.steps_per_epoch(epoch), counts)
+        dataset = _WorkerStreams(self, epoch, skip, order, quota)
         if self.num_workers == 0:
             return iter(dataset)
+        # a DataLoader draws its workers' base seed from the generator it is given, else from torch's
+        # global RNG: one draw per epoch, or per resume, would leave a resumed run's global RNG one
+        # draw off an uninterrupted one's (the workers here use their own seeded streams anyway)
+        seed = torch.Generator().manual_seed(_stream_seed(self.seed, epoch, self.rank, start_step))
         return iter(torch.utils.data.DataLoader(
-            dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=4,
+            dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=4, generator=seed,
             persistent_workers=False, multiprocessing_context="fork", pin_memory=self.device.type == "cuda"))
 
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's batches of `epoch` from step `start_step` on, exactly `steps_per_epoch` in all."""
         wanted = max(self.steps_per_epoch(epoch) - start_step, 0)
-        stream = itertools.chain(self._rank_stream(epoch, start_step),
-                                 itertools.chain.from_iterable(self._rank_stream(epoch, 0) for _ in range(2)))
+        if wanted == 0:
+            return
+        counted: set[str] = set()
+
+        def count(damage: Damage) -> None:  # once per epoch: a top-up stream re-reads damage already counted
+            for what, samples in damage.items():
+                if what not in counted:
+                    counted.add(what)
+                    self.skipped += samples
+
         produced = 0
-        for images, labels, skipped in itertools.islice(stream, wanted):
-            self.skipped += skipped
-            produced += 1
-            yield to_device(images, self.device), labels
-        if produced < wanted:
-            raise ShardSetError(f"rank {self.rank} read only {produced} of {wanted} batches of epoch {epoch} "
-                                f"from {self.folder}: too many shards are damaged ({self.skipped} items skipped)")
+        streams = itertools.chain([self._rank_stream(epoch, start_step)],
+                                  (self._rank_stream(epoch, 0) for _ in range(2)))
+        for top_up, stream in enumerate(streams):
+            # past the last batch the first stream holds only its workers' last reports: read them all;
+            # a top-up stream re-reads what the first one reported, so it is left at the last batch
+            for images, labels, damage in stream:
+                count(damage)
+                if produced < wanted and len(labels):
+                    produced += 1
+                    yield to_device(images, self.device), labels
+                if produced == wanted and top_up:
+                    break
+            if produced == wanted:
+                return
+        raise ShardSetError(f"rank {self.rank} read only {produced} of {wanted} batches of epoch {epoch} "
+                            f"from {self.folder}: too many shards are damaged ({self.skipped} items skipped)")
 
 
 def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:

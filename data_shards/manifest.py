@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "dcgan-shards/1"
+_OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 class ShardSetError(FileNotFoundError):
@@ -46,6 +49,17 @@ class Manifest:
         return json.dumps(data, indent=1)
 
 
+def out_of_space(error: BaseException) -> bool:
+    """A write that failed because the disk or the user's quota is full."""
+    return isinstance(error, OSError) and error.errno in _OUT_OF_SPACE
+
+
+def naming(error: OSError, path: str | Path) -> OSError:
+    """`error` with `path` as its file name where it has none: writes through a file object raise
+    ENOSPC without one, and the one line a user gets must say which file did not fit."""
+    return error if error.filename is not None else OSError(error.errno, error.strerror, str(path))
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write via a temp file in the same folder and rename, so readers never see a partial file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -55,8 +69,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if out_of_space(e):
+            raise naming(e, path) from None
         raise
 
 
@@ -66,9 +82,12 @@ def write_manifest(folder: str | Path, manifest: Manifest) -> Path:
     return path
 
 
-def read_manifest(folder: str | Path) -> Manifest:
+def read_manifest(folder: str | Path, require_shards: bool = True) -> Manifest:
+    """The folder's manifest; with `require_shards`, also that every shard it names is there."""
     folder = Path(folder)
     path = folder / MANIFEST_NAME
+    if folder.is_file():
+        raise ShardSetError(f"{folder} is a file; a shard set is a folder made by `dcgan data convert`")
     if not folder.is_dir():
         raise ShardSetError(f"shard folder {folder} does not exist; create it with `dcgan data convert`")
     if not path.is_file():
@@ -80,10 +99,16 @@ def read_manifest(folder: str | Path) -> Manifest:
         data.pop("total", None)
         data["shards"] = [ShardInfo(**s) for s in data["shards"]]
         manifest = Manifest(**data)
-    except (json.JSONDecodeError, TypeError, KeyError) as e:
+        for shard in manifest.shards:  # a hand-edited manifest must fail here, not mid-training
+            if not (isinstance(shard.name, str) and isinstance(shard.sha256, str)
+                    and all(type(v) is int and v >= 0 for v in (shard.count, shard.bytes))):
+                raise TypeError(f"shard entry {asdict(shard)} needs a name, counts >= 0 and a sha256")
+    except (json.JSONDecodeError, TypeError, KeyError, AttributeError) as e:
         raise ShardSetError(f"{path}: unreadable manifest ({e})") from None
     if not manifest.shards or manifest.total == 0:
         raise ShardSetError(f"shard folder {folder} holds no samples")
+    if not require_shards:
+        return manifest
     missing = [s.name for s in manifest.shards if not (folder / s.name).is_file()]
     if missing:
         raise ShardSetError(f"shard folder {folder} lacks {len(missing)} shard(s) named in its manifest, "
@@ -97,6 +122,42 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def shard_problem(folder: Path, shard: ShardInfo, hash_contents: bool = True) -> str | None:
+    """What is wrong with one shard's file against its manifest entry, in a few words; None if nothing.
+    The size is one stat; the sha256 reads the whole file."""
+    path = folder / shard.name
+    try:
+        size = path.stat().st_size
+        if size != shard.bytes:
+            return f"size {size} != {shard.bytes}"
+        if hash_contents and sha256_file(path) != shard.sha256:
+            return "sha256 mismatch"
+    except FileNotFoundError:
+        return "missing"
+    except OSError as e:
+        return f"unreadable ({e.strerror or e})"
+    return None
+
+
+def verify_shards(folder: str | Path, workers: int = 0) -> tuple[Manifest, list[tuple[ShardInfo, str]]]:
+    """Every shard's size and sha256 against the manifest: (manifest, [(shard, problem)]) in manifest
+    order. Shards are hashed in parallel threads: hashlib and file reads release the GIL, so this runs
+    at disk speed or `workers` cores (0: one per core), whichever is less."""
+    folder = Path(folder)
+    manifest = read_manifest(folder, require_shards=False)
+    threads = max(1, min(workers or os.cpu_count() or 1, len(manifest.shards)))
+    with ThreadPoolExecutor(threads) as pool:
+        problems = list(pool.map(lambda shard: shard_problem(folder, shard), manifest.shards))
+    return manifest, [(shard, problem) for shard, problem in zip(manifest.shards, problems, strict=True) if problem]
+
+
+def size_mismatches(folder: Path, shards: list[ShardInfo]) -> list[tuple[ShardInfo, str]]:
+    """The shards whose file is missing or not the manifest's size, a stat each: what a loader can
+    afford to check at every start (contents are hashed on demand, by `dcgan data verify`)."""
+    found = ((shard, shard_problem(folder, shard, hash_contents=False)) for shard in shards)
+    return [(shard, problem) for shard, problem in found if problem]
 
 
 def read_manifest_for(folder: str | Path, resolution: int, channels: int) -> Manifest:

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -17,6 +19,13 @@ os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get(
 # kernel is defined. With a GPU they run compiled.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# What points Ray's clients at a running cluster, or makes `dcgan` believe it runs inside a Ray job. Set in the
+# shell that runs the tests, they would send the tests' own Ray runs (a private local Ray, or the loopback head
+# they start) to someone's cluster, or change how `dcgan` sets them up; every Ray the tests use is their own.
+RAY_REDIRECTS = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_JOB_CONFIG_JSON_ENV_VAR")
+for _name in RAY_REDIRECTS:
+    os.environ.pop(_name, None)
 
 # Tiny nets and batches: the tests check behaviour, the benchmarks measure speed.
 TINY = ["model.ngf=8", "model.ndf=8", "optim.batch_size=32", "data.shuffle_buffer=256",
@@ -57,10 +66,15 @@ class ArraySource:
             yield self.keys[i], value, int(self.labels[i]) if self.labels is not None else i
 
 
-def run_dcgan(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+def child_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment without the Ray redirects (a test may have set one since), plus `env`."""
+    return {**{k: v for k, v in os.environ.items() if k not in RAY_REDIRECTS}, **(env or {})}
+
+
+def run_dcgan(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """The real console entry point in a fresh interpreter, as a user runs it."""
     return subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+                          text=True, timeout=timeout, env=child_env(env))
 
 
 def tiny_train_args(shards: Path, run_dir: Path, *extra: str, launcher: str = "torchrun") -> list[str]:
@@ -82,7 +96,7 @@ def lsun_lmdb(tmp_path_factory):
     return path, planted
 
 
-def engine_state(checkpoint, tag):
+def engine_state(checkpoint: Path, tag: str) -> dict:
     """Everything DeepSpeed saved for one engine: weights, Adam state, step counters."""
     from trainer.checkpoint_io import safe_load
 
@@ -90,21 +104,72 @@ def engine_state(checkpoint, tag):
     return safe_load(path)
 
 
-def model_state(checkpoint, tag):
+def model_state(checkpoint: Path, tag: str) -> dict:
     return engine_state(checkpoint, tag)["module"]
 
 
-def assert_same(a, b, exact=True, atol=0.0):
+def zero_optimizer_states(checkpoint: Path, tag: str) -> dict[str, Any]:
+    """Each ZeRO partition's optimiser file (Adam moments and step, fp32 master weights), by file name:
+    under ZeRO 1/2 the model-states file holds no optimiser state at all."""
+    from trainer.checkpoint_io import safe_load
+
+    return {p.name: safe_load(p) for p in sorted((checkpoint / tag).glob("zero_pp_rank_*_optim_states.pt"))}
+
+
+def _tensor_difference(a: torch.Tensor, b: torch.Tensor, exact: bool, atol: float) -> str | None:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return f"{a.dtype}{list(a.shape)} vs {b.dtype}{list(b.shape)}"
+    floating = a.is_floating_point() or a.is_complex()
+    if exact or not floating:  # counters and indices are never "close"
+        if torch.equal(a, b):
+            return None
+        if floating:  # NaN where the other has NaN is the same state
+            nan_a, nan_b = a.isnan(), b.isnan()
+            if torch.equal(nan_a, nan_b) and torch.equal(a[~nan_a], b[~nan_b]):
+                return None
+        return "differs" if floating or exact else "differs (an integer tensor: compared exactly)"
+    if torch.allclose(a, b, atol=atol, rtol=0, equal_nan=True):
+        return None
+    return f"max |a - b| = {(a.double() - b.double()).abs().nan_to_num(math.inf).max().item():.3g} > atol {atol:g}"
+
+
+def assert_same(a: Any, b: Any, exact: bool = True, atol: float = 0.0, path: str = "") -> None:
+    """`a` equals `b` through nested dicts, lists and tuples, leaf by leaf; nothing is skipped.
+
+    Floating tensors and floats: equal, or within `atol` when not `exact`. Integer and bool tensors,
+    ints, bools, strings, bytes and None: always equal (step counters must match, not be close). Any
+    other type fails, naming where it sits, rather than passing unchecked.
+    """
+    where = path or "<top>"
     if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b) if exact else torch.allclose(a.float(), b.float(), atol=atol, rtol=0)
+        assert isinstance(b, torch.Tensor), f"{where}: a tensor against a {type(b).__name__}"
+        difference = _tensor_difference(a, b, exact, atol)
+        assert difference is None, f"{where}: {difference}"
     elif isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for k in a:
-            if k not in ("ds_config", "ds_version"):
-                assert_same(a[k], b[k], exact, atol)
+        assert isinstance(b, dict), f"{where}: a dict against a {type(b).__name__}"
+        assert a.keys() == b.keys(), f"{where}: keys differ: {sorted(map(str, a.keys() ^ b.keys()))}"
+        for key in a:
+            assert_same(a[key], b[key], exact, atol, f"{path}[{key!r}]")
     elif isinstance(a, (list, tuple)):
-        for x, y in zip(a, b, strict=True):
-            assert_same(x, y, exact, atol)
+        assert isinstance(b, (list, tuple)), f"{where}: a {type(a).__name__} against a {type(b).__name__}"
+        assert len(a) == len(b), f"{where}: length {len(a)} vs {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, exact, atol, f"{path}[{i}]")
+    elif isinstance(a, float):
+        assert isinstance(b, float), f"{where}: {a!r} vs {b!r}"
+        same = a == b or (math.isnan(a) and math.isnan(b)) or (not exact and abs(a - b) <= atol)
+        assert same, f"{where}: {a!r} vs {b!r}" + ("" if exact else f" (atol {atol:g})")
+    elif isinstance(a, int):  # bools, and enums built on int (ZeroStageEnum), too
+        assert isinstance(b, int) and isinstance(a, bool) == isinstance(b, bool) and a == b, f"{where}: {a!r} vs {b!r}"
+    elif a is None or isinstance(a, (str, bytes)):
+        assert type(a) is type(b) and a == b, f"{where}: {a!r} vs {b!r}"
+    elif type(a).__module__.startswith("deepspeed.") and hasattr(a, "__dict__"):
+        # the record classes of DeepSpeed's that checkpoint_io lets a checkpoint hold (its loss scaler): plain
+        # attribute bags without __eq__, so their attributes are compared
+        assert type(b) is type(a), f"{where}: a {type(a).__name__} against a {type(b).__name__}"
+        assert_same(vars(a), vars(b), exact, atol, f"{path}.__dict__")
+    else:
+        raise AssertionError(f"{where}: assert_same cannot compare a {type(a).__module__}.{type(a).__qualname__}")
 
 
 @pytest.fixture(scope="session")

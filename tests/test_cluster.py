@@ -7,7 +7,7 @@ import re
 import time
 
 import pytest
-from conftest import ROOT, run_dcgan, tiny_train_args
+from conftest import RAY_REDIRECTS, ROOT, child_env, run_dcgan, tiny_train_args
 
 from cluster.local_head import LocalRayHead
 from cluster.ray_launch import ClusterError, check_reachable
@@ -67,6 +67,16 @@ def test_train_with_an_unreachable_address_is_a_one_line_error(fashion_shards, t
     assert "Traceback" not in res.stderr and time.monotonic() - started < 30
 
 
+def test_a_ray_address_in_the_callers_environment_reaches_no_ray_the_tests_start(monkeypatch):
+    """The real proof is the embedded-Ray run below, which trains with RAY_ADDRESS pointing nowhere."""
+    for name in RAY_REDIRECTS:
+        monkeypatch.setenv(name, "127.0.0.1:1")
+    env = child_env({"DCGAN_FAIL_AT_STEP": "8"})
+    assert not set(RAY_REDIRECTS) & env.keys() and env["DCGAN_FAIL_AT_STEP"] == "8"
+    assert child_env({"RAY_ADDRESS": "10.0.0.1:6379"})["RAY_ADDRESS"] == "10.0.0.1:6379"  # a test's own choice stands
+    assert "RAY_ADDRESS" not in LocalRayHead().env  # the head's `ray start` and `ray job` calls: their own address
+
+
 # --- a real Ray head on loopback ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ray_head():
@@ -101,8 +111,10 @@ def test_a_job_with_a_relative_run_folder_is_refused(ray_head, fashion_shards):
 
 
 def test_a_killed_worker_is_restarted_from_the_last_checkpoint_and_a_stopped_run_continues(fashion_shards,
-                                                                                           tmp_path):
+                                                                                           tmp_path, monkeypatch):
     """Embedded local Ray (no address), as the README's main job runs."""
+    # where the tests run, a RAY_ADDRESS (here: nothing listens) must not turn the private Ray into a join
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
     run = tmp_path / "faulty"
     # ZeRO-2: each rank's optimiser partition reaches storage in its own upload and must load back
     args = tiny_train_args(fashion_shards, run, "optim.max_steps=16", "checkpoint.every_steps=5",

@@ -29,6 +29,8 @@ from trainer.fid import (
     check_kid_size,
     frechet_distance,
     kernel_inception_distance,
+    kid_subset_images,
+    polynomial_mmd2,
     reference_stats,
     to_uint8,
 )
@@ -266,20 +268,34 @@ def _kid_by_definition(x, y):
 def test_kid_is_the_unbiased_polynomial_mmd():
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(6, 5)), rng.normal(size=(6, 5)) + 0.3
-    kid, std = kernel_inception_distance(x, y, subsets=3, subset_size=6)
-    assert kid == pytest.approx(_kid_by_definition(x, y), rel=1e-5) and std == pytest.approx(0, abs=1e-6)
-    # one distribution: the estimates scatter around 0 (some negative); a shift stands far above them
-    same = [kernel_inception_distance(rng.normal(size=(200, 32)), rng.normal(size=(200, 32)), subsets=10,
-                                      subset_size=100, seed=i)[0] for i in range(20)]
-    shifted = kernel_inception_distance(rng.normal(size=(200, 32)), rng.normal(size=(200, 32)) + 0.5, subsets=10,
-                                        subset_size=100)[0]
-    assert min(same) < 0 < max(same)
-    assert abs(np.mean(same)) < 3 * np.std(same) / np.sqrt(len(same))
-    assert shifted > 10 * max(same)
+    assert polynomial_mmd2(torch.from_numpy(x), torch.from_numpy(y)) == pytest.approx(_kid_by_definition(x, y),
+                                                                                        rel=1e-9)
     with pytest.raises(EvalError, match="at least 2"):
         kernel_inception_distance(x[:1], y)
     with pytest.raises(EvalError, match="too small for KID"):
         check_kid_size(1, 1000)
+
+
+def test_kid_subsets_are_smaller_than_the_sets_so_their_spread_is_real():
+    """Subsets as large as the sets would be the sets themselves every time: std 0 by construction."""
+    assert [kid_subset_images(n, n) for n in (20_000, 2_000, 1_000, 6, 3, 2)] == [1000, 1000, 500, 3, 2, 2]
+    assert kid_subset_images(6, 400) == 3 and kid_subset_images(400, 400, subset_size=50) == 50
+    rng = np.random.default_rng(0)
+    # two halves of one sample, for 20 samples: each KID's subsets spread, and the KIDs centre on 0 (unbiased)
+    halves = []
+    for seed in range(20):
+        data = rng.normal(size=(400, 32))
+        halves.append(kernel_inception_distance(data[:200], data[200:], subsets=10, seed=seed))
+    means, stds = np.array(halves).T
+    assert (stds > 0.5 * np.std(means)).all()  # of the size of the estimate's own scatter, nowhere near 0
+    assert min(means) < 0 < max(means)
+    assert abs(np.mean(means)) < 3 * np.std(means) / np.sqrt(len(means))
+    # a shifted set: well above every same-distribution KID, with a spread of its own
+    shifted, spread = kernel_inception_distance(rng.normal(size=(200, 32)), rng.normal(size=(200, 32)) + 0.5,
+                                                subsets=10)
+    assert shifted > 10 * max(means) and spread > 0
+    # the smallest sets: subsets of 3 from 6 still differ
+    assert kernel_inception_distance(rng.normal(size=(6, 5)), rng.normal(size=(6, 5)), subsets=10)[1] > 0
 
 
 class CountingExtractor:
@@ -364,7 +380,7 @@ def test_fid_command_caches_reference(two_step_run, fashion_shards, tmp_path):
     assert "reference statistics written to" in res.stdout and "FID " in res.stdout
     first = json.loads((tmp_path / "first.json").read_text())
     assert not first["reference_cached"] and len(list(cache.glob("ref-*.npz"))) == 1
-    assert first["fid"] > 0 and first["kid_subset_size"] == 6
+    assert first["fid"] > 0 and first["kid_subset_size"] == 3 and first["kid_std"] > 0  # subsets of n // 2
     res = run_dcgan(*args, "--out", str(tmp_path / "second.json"), timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
     second = json.loads((tmp_path / "second.json").read_text())

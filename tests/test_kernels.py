@@ -7,16 +7,19 @@ PyTorch's own bf16 error. With a GPU the same tests run compiled, plus bf16 at f
 
 from __future__ import annotations
 
+import collections
 import copy
 import json
 import math
 import os
 import subprocess
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
-from conftest import ROOT, run_dcgan, tiny_train_args
+from conftest import ROOT, child_env, tiny_train_args
 from torch import nn
 
 from kernels.dispatch import block_unsupported, conv_transpose_bn_relu
@@ -37,6 +40,37 @@ def exact_fp32():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+def _counted(counts: collections.Counter, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        counts[name] += 1
+        return fn(*args, **kwargs)
+
+    return counting
+
+
+def count_fused_blocks(counts: collections.Counter, patch: Callable[[object, str, Any], None]) -> None:
+    """Count the blocks dispatch was given ("blocks") and those it ran in the kernels ("train", "inference").
+
+    The kernels are checked against PyTorch's modules, so a block that silently fell back to those
+    modules would pass every comparison; the counts tell. dispatch asks block_unsupported once per
+    fused-mode block and imports the two entry points at each call, so patching the modules catches both.
+    """
+    import kernels.dispatch
+    import kernels.fused_block
+
+    patch(kernels.dispatch, "block_unsupported", _counted(counts, "blocks", kernels.dispatch.block_unsupported))
+    for kind in ("train", "inference"):
+        name = f"conv_transpose_bn_relu_{kind}"
+        patch(kernels.fused_block, name, _counted(counts, kind, getattr(kernels.fused_block, name)))
+
+
+@pytest.fixture()
+def fused(monkeypatch) -> collections.Counter:
+    counts: collections.Counter = collections.Counter()
+    count_fused_blocks(counts, monkeypatch.setattr)
+    return counts
+
 
 # every block of a (narrow) 64x64 generator, then odd sizes: channels that fill no tile, 1x1 and
 # 3x3 inputs, padding 0
@@ -74,13 +108,14 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("n, c_in, c_out, size, stride, padding", SHAPES)
-def test_training_block_matches_pytorch_fp32(n, c_in, c_out, size, stride, padding):
+def test_training_block_matches_pytorch_fp32(fused, n, c_in, c_out, size, stride, padding):
     conv, bn = make_block(c_in, c_out, stride, padding)
     conv_ref, bn_ref = copy.deepcopy(conv), copy.deepcopy(bn)
     x = torch.randn(n, c_in, size, size, device=DEVICE)
     assert block_unsupported(x, conv, bn) is None
     grad = torch.randn(n, c_out, conv_ref(x).shape[2], conv_ref(x).shape[3], device=DEVICE)
     ours, ref = run_block(x, conv, bn, grad, True), run_block(x, conv_ref, bn_ref, grad, False)
+    assert fused == {"blocks": 1, "train": 1}  # the kernels ran, not the modules compared against
     assert ours["out"].shape == ref["out"].shape
     for name in ref:
         assert rel_err(ours[name], ref[name]) < 1e-5, name
@@ -88,7 +123,7 @@ def test_training_block_matches_pytorch_fp32(n, c_in, c_out, size, stride, paddi
 
 
 @pytest.mark.parametrize("n, c_in, c_out, size, stride, padding", SHAPES[:4] + SHAPES[-1:])
-def test_inference_folds_batchnorm(n, c_in, c_out, size, stride, padding):
+def test_inference_folds_batchnorm(fused, n, c_in, c_out, size, stride, padding):
     conv, bn = make_block(c_in, c_out, stride, padding)
     conv.eval()
     bn.eval()
@@ -96,10 +131,11 @@ def test_inference_folds_batchnorm(n, c_in, c_out, size, stride, padding):
     with torch.no_grad():
         ours, ref = conv_transpose_bn_relu(x, conv, bn), torch.relu(bn(conv(x)))
     assert rel_err(ours.double(), ref.double()) < 1e-5
+    assert fused == {"blocks": 1, "inference": 1}
 
 
 @pytest.mark.parametrize("n, c_in, c_out, size, stride, padding", [SHAPES[0], SHAPES[2]])
-def test_bf16_error_is_pytorchs_own(n, c_in, c_out, size, stride, padding):
+def test_bf16_error_is_pytorchs_own(fused, n, c_in, c_out, size, stride, padding):
     """Judged against fp64: the fused block's bf16 error must be of the size of PyTorch's bf16 error."""
     conv, bn = make_block(c_in, c_out, stride, padding)
     x = torch.randn(n, c_in, size, size, device=DEVICE)
@@ -107,19 +143,25 @@ def test_bf16_error_is_pytorchs_own(n, c_in, c_out, size, stride, padding):
     truth = run_block(x.double(), copy.deepcopy(conv).double(), copy.deepcopy(bn).double(), grad.double(), False)
     ours = run_block(x, copy.deepcopy(conv), copy.deepcopy(bn), grad, True, torch.bfloat16)
     ref = run_block(x, copy.deepcopy(conv), copy.deepcopy(bn), grad, False, torch.bfloat16)
+    assert fused == {"blocks": 1, "train": 1}
     # the interpreter truncates fp32 -> bf16 where a GPU rounds: one more bit of error there
     slack = 1.5 if DEVICE.type == "cuda" else 2.5
     for name in ("out", "dx", "dw", "dgamma", "dbeta"):
         assert rel_err(ours[name], truth[name]) <= slack * rel_err(ref[name], truth[name]) + 2e-3, name
 
 
-def test_unsupported_blocks_fall_back_to_the_modules():
+def test_unsupported_blocks_fall_back_to_the_modules(fused):
     conv = nn.ConvTranspose2d(4, 6, 3, 2, 1, bias=False)  # k=3, s=2: no even phase split
     bn = nn.BatchNorm2d(6)
     x = torch.randn(2, 4, 5, 5)
     assert "phase" in block_unsupported(x, conv, bn)
     with torch.no_grad():
         assert torch.equal(conv_transpose_bn_relu(x, conv, bn), torch.relu(bn(conv(x))))
+    # eval mode with gradients wanted: PyTorch's autograd, by design
+    conv_eval, bn_eval = make_block(8, 6, 2, 1)
+    bn_eval.eval()
+    conv_transpose_bn_relu(torch.randn(2, 8, 4, 4, device=DEVICE, requires_grad=True), conv_eval, bn_eval)
+    assert fused == {"blocks": 2}  # both went to the modules: no kernel ran
     assert "CUDA" in fused_kernels_unavailable(ModelConfig(fused_kernels=True), torch.device("meta"), 0)
     assert "ZeRO" in fused_kernels_unavailable(ModelConfig(fused_kernels=True), DEVICE, 3)
     assert fused_kernels_unavailable(ModelConfig(fused_kernels=False), torch.device("meta"), 3) is None
@@ -150,8 +192,11 @@ def gan_steps(fused: bool, steps: int = 3) -> tuple[Generator, list[float]]:
     return generator, losses
 
 
-def test_training_steps_agree_and_checkpoints_move_between_paths():
+def test_training_steps_agree_and_checkpoints_move_between_paths(fused):
+    counts = fused
     fused, losses_fused = gan_steps(True)
+    # 3 blocks in a 32x32 G, each fused in each of the 3 steps' one forward
+    assert counts == {"blocks": 9, "train": 9}
     plain, losses_plain = gan_steps(False)
     assert losses_fused == pytest.approx(losses_plain, rel=1e-4)
     ours, ref = fused.state_dict(), plain.state_dict()
@@ -164,6 +209,7 @@ def test_training_steps_agree_and_checkpoints_move_between_paths():
     z = torch.rand(8, 100, device=DEVICE) * 2 - 1
     with torch.no_grad():
         assert rel_err(fused.eval()(z).double(), reloaded.eval()(z).double()) < 1e-5
+    assert counts == {"blocks": 12, "train": 9, "inference": 3}  # the plain generators never reach dispatch
 
 
 def test_kernels_compile_for_sm90():
@@ -190,24 +236,45 @@ def test_bf16_full_batch_on_gpu(block):
         assert rel_err(ours[name], truth[name]) <= 1.5 * rel_err(ref[name], truth[name]) + 2e-3, name
 
 
-def test_dcgan_train_with_fused_kernels(fashion_shards, tmp_path):
+# `dcgan train` in a fresh interpreter, as run_dcgan runs it, with the blocks counted and the counts left in a file
+COUNTING_DCGAN = """
+import collections, json, sys
+sys.path.insert(0, sys.argv[1])
+from test_kernels import count_fused_blocks
+from cluster.cli import main
+counts = collections.Counter()
+count_fused_blocks(counts, setattr)
+code = main(sys.argv[3:])
+with open(sys.argv[2], "w") as f:
+    json.dump(counts, f)
+sys.exit(code)
+"""
+
+
+def test_dcgan_train_with_fused_kernels(fused, fashion_shards, tmp_path):
     """The real command, bf16 autocast through G's DeepSpeed engine, the blocks in Triton (interpreted on CPU);
     its checkpoint samples the same from a plain generator."""
-    run = tmp_path / "fused"
-    res = run_dcgan(*tiny_train_args(fashion_shards, run, "optim.max_steps=4", "checkpoint.every_steps=4",
-                                     "model.fused_kernels=true", "precision.dtype=bf16", "logging.log_every=2"))
+    run, counts = tmp_path / "fused", tmp_path / "counts.json"
+    args = tiny_train_args(fashion_shards, run, "optim.max_steps=4", "checkpoint.every_steps=4",
+                           "model.fused_kernels=true", "precision.dtype=bf16", "logging.log_every=2")
+    res = subprocess.run([sys.executable, "-c", COUNTING_DCGAN, str(ROOT / "tests"), str(counts), *args], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300, env=child_env())
     assert res.returncode == 0, res.stderr[-3000:]
     assert "fused_kernels" not in res.stdout  # no fallback note: the kernels ran
+    # every block of G (3 at 32x32) fused, none fell back: one training forward per step, and the sample
+    # grids at steps 0 and 4 in eval mode
+    assert json.loads(counts.read_text()) == {"blocks": 3 * 4 + 3 * 2, "train": 3 * 4, "inference": 3 * 2}
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 4 and all(math.isfinite(r["loss_g"]) for r in records)
-    cfg, fused = load_generator(run)
+    cfg, generator = load_generator(run)
     fused_cfg, plain_cfg = cfg.model, copy.deepcopy(cfg.model)
     plain_cfg.fused_kernels = False
     plain = Generator(plain_cfg)
-    plain.load_state_dict(fused.state_dict())
+    plain.load_state_dict(generator.state_dict())
     z = torch.rand(8, fused_cfg.z_dim) * 2 - 1
     assert fused_cfg.fused_kernels
-    assert rel_err(generate(fused, z).double(), generate(plain, z).double()) < 1e-5
+    assert rel_err(generate(generator, z).double(), generate(plain, z).double()) < 1e-5
+    assert fused == {"blocks": 3, "inference": 3}
 
 
 def test_statistics_merge_across_chunks_without_cancellation():

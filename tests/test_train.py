@@ -2,18 +2,29 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, assert_same, engine_state, model_state, run_dcgan, tiny_train_args
+from conftest import (
+    ROOT,
+    assert_same,
+    child_env,
+    engine_state,
+    model_state,
+    run_dcgan,
+    tiny_train_args,
+    zero_optimizer_states,
+)
 from PIL import Image
 
-from trainer.checkpoint import list_checkpoints
+from trainer.checkpoint import list_checkpoints, read_meta
 from trainer.checkpoint_io import CheckpointError, safe_load
 
 
@@ -74,10 +85,18 @@ def whole_and_resumed(shards, tmp_path, steps, dtype):
     return whole / "checkpoints" / last, split / "checkpoints" / last
 
 
+# Measured on CPU (autocast bf16, 16 steps, stopped at 8): the resumed engines equal the uninterrupted ones bit
+# for bit, in every weight, BatchNorm statistic, Adam moment and step, and every counter. bf16 costs accuracy,
+# not determinism; a tolerance would only hide a resume that restores the state slightly wrong.
+BF16_RESUME_ATOL = 0.0
+
+
 def test_resume_bf16_within_tolerance(fashion_shards, tmp_path):
     whole, resumed = whole_and_resumed(fashion_shards, tmp_path, 16, "bf16")
     for tag in ("generator", "discriminator"):
-        assert_same(model_state(whole, tag), model_state(resumed, tag), exact=False, atol=1e-3)
+        a, b = engine_state(whole, tag), engine_state(resumed, tag)
+        assert a["optimizer"]["state"] and a["global_steps"] == 16  # Adam's state and the counters are compared
+        assert_same(a, b, exact=BF16_RESUME_ATOL == 0, atol=BF16_RESUME_ATOL)
 
 
 def test_unknown_key_and_missing_shards_are_one_line_errors(tmp_path):
@@ -156,38 +175,85 @@ def test_checkpoint_loading_never_runs_pickled_code(tmp_path):
     assert (tmp_path / "victim").is_dir()
 
 
+def test_assert_same_compares_every_leaf_and_refuses_what_it_cannot():
+    state = {"module": {"w": torch.ones(3), "count": torch.tensor(3)}, "global_steps": 12, "lr": 2e-4,
+             "stage": "adam", "scaler": None, "shape": (2, 2), "raw": b"x", "flag": False}
+    assert_same(state, {**state, "module": {"w": torch.ones(3) + 1e-4, "count": torch.tensor(3)}}, False, 1e-3)
+    changed = [("['module']['w']", {"w": torch.ones(3) + 1e-2, "count": torch.tensor(3)}),
+               ("['module']['count']", {"w": torch.ones(3), "count": torch.tensor(4)}),  # integers: never "close"
+               ("['module']", {"w": torch.ones(3)})]
+    for where, module in changed:
+        with pytest.raises(AssertionError, match=re.escape(where)):
+            assert_same(state, {**state, "module": module}, False, 1e-3)
+    for key, value in [("global_steps", 13), ("lr", 3e-4), ("stage", "sgd"), ("scaler", 1.0), ("shape", (2, 3)),
+                       ("raw", b"y"), ("flag", 0)]:
+        with pytest.raises(AssertionError, match=re.escape(f"['{key}']")):
+            assert_same(state, {**state, key: value}, False, 1e-3 if key != "lr" else 0)
+    with pytest.raises(AssertionError, match=r"\['opaque'\]: assert_same cannot compare a builtins.object"):
+        assert_same({"opaque": object()}, {"opaque": object()})
+
+
+def two_rank_training(run: Path, dumps: Path, *overrides: str, resume: Path | None = None) -> None:
+    """tests/dist_worker.py on 2 ranks under torchrun: 12 steps of the real Trainer, checkpoints every 6."""
+    dumps.mkdir()
+    settings = [f"logging.run_dir={run}", "optim.max_steps=12", "checkpoint.every_steps=6", "model.ngf=8",
+                "model.ndf=8", "optim.batch_size=32", "logging.progress=false", *overrides]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "dist_worker.py"), str(dumps), str(ROOT / "configs" / "fashion-mnist-32.toml"),
+           *([f"--resume={resume}"] if resume else []), *settings]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=child_env())
+    assert res.returncode == 0, res.stderr[-4000:]
+
+
+def assert_checkpoint_holds_mean_of_ranks_statistics(checkpoint: Path, dumps: Path, step: int) -> None:
+    """Each rank normalised its own shards, so its running statistics before the averaging are its own;
+    the checkpoint must hold their mean, not rank 0's copy (nor rank 1's)."""
+    local = [torch.load(dumps / f"local-bn-rank{r}.pt", weights_only=True) for r in (0, 1)]
+    names = [k.removeprefix(f"{step}/") for k in local[0] if k.startswith(f"{step}/")]
+    saved = {f"{tag}.{k}" for tag in ("generator", "discriminator") for k in model_state(checkpoint, tag)
+             if k.endswith(("running_mean", "running_var"))}
+    assert saved and set(names) == saved
+    for name in names:
+        tag, _, buffer = name.partition(".")
+        r0, r1 = local[0][f"{step}/{name}"], local[1][f"{step}/{name}"]
+        assert not torch.equal(r0, r1), f"{name}: the ranks' own statistics agree; the test would prove nothing"
+        # gloo's two-rank sum, then / 2, in fp32: exactly what this computes
+        assert torch.equal(model_state(checkpoint, tag)[buffer], (r0 + r1) / 2), name
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("zero_stage, dtype", [(0, "fp32"), (2, "bf16")])
 def test_two_ranks_keep_identical_parameters(fashion_shards, tmp_path, zero_stage, dtype):
     run, dumps = tmp_path / "run", tmp_path / "dumps"
-    dumps.mkdir()
-    overrides = [f"data.shards={fashion_shards}", f"logging.run_dir={run}", "optim.max_steps=12",
-                 "checkpoint.every_steps=6", f"precision.zero_stage={zero_stage}", f"precision.dtype={dtype}",
-                 "model.ngf=8", "model.ndf=8", "optim.batch_size=32", "logging.progress=false"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "tests" / "dist_worker.py"), str(dumps), str(ROOT / "configs" / "fashion-mnist-32.toml"),
-           *overrides]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-4000:]
+    settings = (f"data.shards={fashion_shards}", f"precision.zero_stage={zero_stage}", f"precision.dtype={dtype}")
+    two_rank_training(run, dumps, *settings)
     r0, r1 = (torch.load(dumps / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0.keys() == r1.keys()
     for key in r0:
         assert torch.equal(r0[key], r1[key]), key  # parameters and (averaged) BN statistics
-    init = torch.load(dumps / "rank0.pt", weights_only=True)
-    assert any("running_mean" in k for k in init)
+    assert any("running_mean" in k for k in r0)
     assert (run / "checkpoints" / "step-00000012").is_dir() and (run / "samples" / "step-00000012.png").is_file()
+    for step in (6, 12):
+        assert_checkpoint_holds_mean_of_ranks_statistics(run / "checkpoints" / f"step-{step:08d}", dumps, step)
 
-    # resume the 2-rank run from step 6 and reach step 12's parameters again
+    # resume the 2-rank run from step 6 into another folder: step 12's checkpoint again, bit for bit
+    # (measured, fp32 ZeRO 0 and bf16 ZeRO 2: every weight, BN statistic, Adam moment and step, and counter)
     again = tmp_path / "again"
-    again.mkdir()
-    cmd[cmd.index(str(dumps))] = str(again)
-    cmd.insert(cmd.index(str(ROOT / "configs" / "fashion-mnist-32.toml")) + 1,
-               f"--resume={run / 'checkpoints' / 'step-00000006'}")
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-4000:]
-    resumed = torch.load(again / "rank0.pt", weights_only=True)
-    for key in r0:
-        assert torch.allclose(r0[key].float(), resumed[key].float(), atol=1e-3, rtol=0), key
+    two_rank_training(again, tmp_path / "again-dumps", *settings, resume=run / "checkpoints" / "step-00000006")
+    a, b = run / "checkpoints" / "step-00000012", again / "checkpoints" / "step-00000012"
+    for tag in ("generator", "discriminator"):
+        whole, resumed = engine_state(a, tag), engine_state(b, tag)
+        assert whole["global_steps"] == 12 and whole["skipped_steps"] == 0
+        assert_same(whole, resumed)
+        # ZeRO 1/2: Adam's state and the fp32 master weights live in one file per rank's partition
+        partitions = zero_optimizer_states(a, tag)
+        if zero_stage:
+            assert len(partitions) == 2
+            assert all(p["optimizer_state_dict"]["base_optimizer_state"]["state"] for p in partitions.values())
+        else:
+            assert not partitions and whole["optimizer"]["state"]
+        assert_same(partitions, zero_optimizer_states(b, tag))
+    assert read_meta(b)["step"] == 12 and read_meta(b)["restarts"] == 1
 
 
 @pytest.mark.slow

@@ -7,27 +7,39 @@ A checkpoint is a folder `step-XXXXXXXX/` holding
 - trainer.json: step, epoch, position in the epoch, world size and the resolved config.
 It is assembled under a hidden `.tmp-step-XXXXXXXX/` name and renamed once every rank has
 written its part, so a folder named step-* is always complete: a crash mid-save leaves only a
-temp folder, which the next save removes.
+temp folder, which the next save removes, and which nothing loads. A save that fails (a full
+disk) removes its temp folder and raises CheckpointWriteError on every rank.
+
+Loading checks the folder first (trainer.json's fields, every file there), so a damaged or
+incomplete checkpoint is refused with one line naming the file, and the checkpoint before it.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from trainer.checkpoint_io import CheckpointError, safe_load
+from trainer.checkpoint_io import CheckpointError, CheckpointWriteError, safe_load, save_file, write_text
 from trainer.config import ConfigError
-from trainer.distributed import DistContext, barrier
+from trainer.distributed import DistContext, all_ranks_agree, barrier
 from trainer.engines import GanEngines
 
 PREFIX = "step-"
+TMP_PREFIX = f".tmp-{PREFIX}"
 META_NAME = "trainer.json"
+MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's file of a net's weights (and, without ZeRO, Adam's state)
+NETS = ("generator", "discriminator")
+# Test hook: with DCGAN_FAULT_PAUSE_IN_SAVE=N, the save of step N stops after every part is written, just before the
+# rename, and creates `paused` in its temp folder, so that a test can kill the process inside that window.
+PAUSE_IN_SAVE = "DCGAN_FAULT_PAUSE_IN_SAVE"
 
 
 @dataclass
@@ -60,24 +72,56 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
 
 
 def _is_complete(checkpoint: Path) -> bool:
-    """trainer.json and every rank's file are there (a copy to storage may have been cut short)."""
-    try:
-        world_size = int(json.loads((checkpoint / META_NAME).read_text())["world_size"])
-    except (OSError, ValueError, KeyError, TypeError):
+    """trainer.json and every rank's file are there (a copy to storage may have been cut short).
+
+    A trainer.json that is there but unreadable counts: resuming then names the damage instead of
+    silently continuing from an older checkpoint.
+    """
+    if not (checkpoint / META_NAME).is_file():
         return False
+    try:
+        world_size = read_meta(checkpoint)["world_size"]
+    except CheckpointError:
+        return True
     return all(_rank_file(checkpoint, r).is_file() for r in range(world_size))
 
 
+def _earlier(checkpoint: Path) -> str:
+    """"; the checkpoint before it: PATH", to continue from when `checkpoint` cannot be."""
+    before = [p for p in list_checkpoints(checkpoint.parent) if p.name < checkpoint.name]
+    return f"; the checkpoint before it: {before[-1]}" if before else ""
+
+
+def check_checkpoint(checkpoint: Path) -> dict[str, Any]:
+    """trainer.json (validated) of a checkpoint folder that holds every file loading reads; else CheckpointError."""
+    try:
+        meta = read_meta(checkpoint)
+        needed = [_rank_file(checkpoint, r) for r in range(meta["world_size"])]
+        needed += [checkpoint / tag / MODEL_STATES for tag in NETS]
+        for path in needed:
+            if not path.is_file():
+                raise CheckpointError(f"checkpoint file not found: {path}")
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}{_earlier(checkpoint)}") from None
+    return meta
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder itself, or the newest one in a run folder or a checkpoints/ folder."""
+    """A checkpoint folder itself, or the newest one in a run folder or a checkpoints/ folder; checked."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"resume path {path} does not exist")
-    if (path / META_NAME).is_file():
+    if path.name.startswith(TMP_PREFIX):
+        newest = list_checkpoints(path.parent)
+        raise CheckpointError(f"{path} is a checkpoint whose save never finished (the process stopped before it "
+                              f"was renamed); use a {PREFIX}* folder{': ' + str(newest[-1]) if newest else ''}")
+    if (path / META_NAME).is_file() or (path.name.startswith(PREFIX) and path.is_dir()):
+        check_checkpoint(path)
         return path
     for folder in (path / "checkpoints", path):
         found = list_checkpoints(folder)
         if found:
+            check_checkpoint(found[-1])
             return found[-1]
     raise CheckpointError(f"no complete checkpoint (a {PREFIX}* folder with {META_NAME} and every rank's file) "
                           f"in {path}")
@@ -89,12 +133,38 @@ def earlier_run_error(run_dir: str, newest: str) -> ConfigError:
                        f"with --resume {run_dir} (or --resume auto), or set logging.run_dir to a new folder")
 
 
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _meta_problem(meta: Any) -> str | None:
+    if not isinstance(meta, dict):
+        return f"holds a JSON {type(meta).__name__}, not an object"
+    if not _is_count(meta.get("world_size")) or meta["world_size"] < 1:
+        return f"world_size must be a positive integer, not {str(meta.get('world_size'))[:40]!r}"
+    if "step" not in meta:
+        return "holds no step"
+    for name in TrainState.__dataclass_fields__:
+        if name in meta and not _is_count(meta[name]):
+            return f"{name} must be a non-negative integer, not {str(meta[name])[:40]!r}"
+    config = meta.get("config")
+    if config is not None and not (isinstance(config, dict) and all(isinstance(v, dict) for v in config.values())):
+        return "config must be an object of sections (model, optim, ...)"
+    return None
+
+
 def read_meta(checkpoint: str | Path) -> dict[str, Any]:
+    """trainer.json, its fields checked: the loop and the config builder trust them."""
     path = Path(checkpoint) / META_NAME
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file not found: {path}") from None
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON, bad UTF-8, a 5,000-digit number
         raise CheckpointError(f"unreadable {path}: {e}") from None
+    if problem := _meta_problem(meta):
+        raise CheckpointError(f"{path}: {problem}")
+    return meta
 
 
 def checkpoint_name(step: int) -> str:
@@ -110,10 +180,48 @@ def write_checkpoint_parts(folder: Path, state: TrainState, engines: GanEngines,
     folder.mkdir(parents=True, exist_ok=True)
     for tag, engine in engines.items():
         engine.save_checkpoint(str(folder), tag=tag, save_latest=False)
-    torch.save(rank_state, _rank_file(folder, ctx.rank))
+    save_file(rank_state, _rank_file(folder, ctx.rank))
     if ctx.is_main:
         meta = {**asdict(state), "world_size": ctx.world_size, "config": config}
-        (folder / META_NAME).write_text(json.dumps(meta, indent=1))
+        write_text(folder / META_NAME, json.dumps(meta, indent=1))
+
+
+def tree_bytes(folder: Path) -> int:
+    total = 0
+    try:
+        for path in folder.rglob("*"):
+            total += path.stat().st_size if path.is_file() else 0
+    except OSError:
+        pass  # rank 0 may be removing it: the count is only for a message
+    return total
+
+
+def write_failure(e: OSError, name: str, tmp: Path, written: int, previous: Path | None) -> CheckpointWriteError:
+    """One line on a failed save; `written`: bytes in `tmp` when it failed, `tmp` since removed."""
+    where = e.filename or tmp
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return CheckpointWriteError(f"cannot write checkpoint {name}: {where}: {e.strerror or e}")
+    try:
+        free = f"{shutil.disk_usage(tmp.parent).free:,} bytes free there"
+    except OSError:
+        free = "free space unknown"
+    if previous is not None:
+        need = f"about {tree_bytes(previous):,} bytes (the size of {previous.name}, which is untouched)"
+    else:
+        need = f"more than the {written:,} bytes written before the disk filled"
+    return CheckpointWriteError(f"no space left on device for checkpoint {name}: writing {where} failed; it needs "
+                                f"{need}, {free}")
+
+
+def _rank_state_problem(state: Any) -> str | None:
+    if not isinstance(state, dict):
+        return f"holds a {type(state).__name__}, not a rank's state"
+    for key in ("noise_rng", "torch_rng"):
+        if not (isinstance(state.get(key), torch.Tensor) and state[key].dtype == torch.uint8):
+            return f"holds no {key} (a byte tensor)"
+    if not isinstance(state.get("grad_scalers"), dict):
+        return "holds no grad_scalers"
+    return None
 
 
 class CheckpointStore:
@@ -128,15 +236,31 @@ class CheckpointStore:
 
     def load(self, path: str | Path, engines: GanEngines) -> tuple[TrainState, dict[str, Any]]:
         checkpoint = resolve_checkpoint(path)
+        try:
+            return self._load(checkpoint, engines)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}{_earlier(checkpoint)}") from None
+
+    def _load(self, checkpoint: Path, engines: GanEngines) -> tuple[TrainState, dict[str, Any]]:
         meta = read_meta(checkpoint)
-        if meta.get("world_size") != self.ctx.world_size:
-            raise CheckpointError(f"{checkpoint} was written by {meta.get('world_size')} rank(s); "
+        if meta["world_size"] != self.ctx.world_size:
+            raise CheckpointError(f"{checkpoint} was written by {meta['world_size']} rank(s); "
                                   f"resume it with the same number, not {self.ctx.world_size}")
         for tag, engine in engines.items():
-            loaded, _ = engine.load_checkpoint(str(checkpoint), tag=tag, load_module_strict=True)
+            try:
+                loaded, _ = engine.load_checkpoint(str(checkpoint), tag=tag, load_module_strict=True)
+            except CheckpointError:
+                raise
+            except Exception as e:  # DeepSpeed asserts on what it cannot use: a net of another shape, a lost partition
+                detail = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())[:300]
+                raise CheckpointError(f"{checkpoint / tag}: DeepSpeed cannot load it ({type(e).__name__}"
+                                      f"{': ' + detail if detail else ''})") from None
             if loaded is None:
                 raise CheckpointError(f"{checkpoint}/{tag}: DeepSpeed found no checkpoint to load")
-        rank_state = safe_load(_rank_file(checkpoint, self.ctx.rank))
+        path = _rank_file(checkpoint, self.ctx.rank)
+        rank_state = safe_load(path)
+        if problem := _rank_state_problem(rank_state):
+            raise CheckpointError(f"{path}: {problem}")
         state = TrainState(**{k: meta[k] for k in TrainState.__dataclass_fields__ if k in meta})
         self.last_saved_step = state.step
         return state, rank_state
@@ -152,15 +276,25 @@ class Checkpointer(CheckpointStore):
     def save(self, state: TrainState, engines: GanEngines, rank_state: dict[str, Any]) -> Path | None:
         name = checkpoint_name(state.step)
         final, tmp = self.folder / name, self.folder / f".tmp-{name}"
+        failed: OSError | None = None
         if self.ctx.is_main:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            for stale in self.folder.glob(".tmp-*"):
-                shutil.rmtree(stale, ignore_errors=True)
-            tmp.mkdir()
-        barrier()
-        write_checkpoint_parts(tmp, state, engines, rank_state, self.ctx, self.config)
-        barrier()
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                for stale in self.folder.glob(".tmp-*"):
+                    shutil.rmtree(stale, ignore_errors=True)
+                tmp.mkdir()
+            except OSError as e:
+                failed = e
+        self._all_written(failed, name, tmp)
+        try:
+            write_checkpoint_parts(tmp, state, engines, rank_state, self.ctx, self.config)
+        except OSError as e:
+            failed = e
+        self._all_written(failed, name, tmp)
         if self.ctx.is_main:
+            if os.environ.get(PAUSE_IN_SAVE) == str(state.step):
+                (tmp / "paused").touch()
+                time.sleep(3600)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -171,6 +305,20 @@ class Checkpointer(CheckpointStore):
         self.last_saved_step = state.step
         return final
 
+    def _all_written(self, failed: OSError | None, name: str, tmp: Path) -> None:
+        """Collective, in place of a barrier: when any rank failed to write, every rank raises, and no temp
+        folder is left (a full disk stays full with one)."""
+        if all_ranks_agree(failed is None, self.ctx.device):
+            return
+        written = tree_bytes(tmp)
+        if self.ctx.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if failed is None:
+            raise CheckpointWriteError(f"another rank could not write its part of checkpoint {name} (its error says "
+                                       "why); the earlier checkpoints are untouched")
+        previous = list_checkpoints(self.folder)
+        raise write_failure(failed, name, tmp, written, previous[-1] if previous else None) from None
+
 
 def load_module_weights(checkpoint: str | Path, tag: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(the run's config, the state_dict of net `tag`: "generator" or "discriminator") from a
@@ -178,8 +326,13 @@ def load_module_weights(checkpoint: str | Path, tag: str) -> tuple[dict[str, Any
     checkpoint = resolve_checkpoint(checkpoint)
     meta = read_meta(checkpoint)
     if "config" not in meta:
-        raise CheckpointError(f"{checkpoint}: {META_NAME} holds no config")
-    files = sorted((checkpoint / tag).glob("mp_rank_*_model_states.pt"))
-    if not files:
-        raise CheckpointError(f"{checkpoint}/{tag} holds no model states")
-    return meta["config"], safe_load(files[0])["module"]
+        raise CheckpointError(f"{checkpoint / META_NAME} holds no config")
+    path = checkpoint / tag / MODEL_STATES
+    try:
+        state = safe_load(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}{_earlier(checkpoint)}") from None
+    weights = state.get("module") if isinstance(state, dict) else None
+    if not (isinstance(weights, dict) and all(isinstance(v, torch.Tensor) for v in weights.values())):
+        raise CheckpointError(f"{path} holds no module weights{_earlier(checkpoint)}")
+    return meta["config"], weights

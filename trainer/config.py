@@ -154,7 +154,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "logging.sample_every": (lambda v: v >= 1, ">= 1"),
     "metrics.port": (lambda v: 1024 <= v <= 65535 - 100, "in [1024, 65435] (ranks take the ports above it)"),
     "eval.fid_every": (lambda v: v >= 0, ">= 0 (0: never)"),
-    "eval.fid_samples": (lambda v: v >= 2, ">= 2 (KID compares pairs)"),
+    "eval.fid_samples": (lambda v: v >= 4, ">= 4 (KID compares pairs within subsets of half the samples)"),
     "cluster.workers": (lambda v: v >= 0, ">= 0 (0: automatic)"),
     "cluster.cpus_per_worker": (lambda v: v >= 0, ">= 0 (0: automatic)"),
     "cluster.gpus_per_worker": (lambda v: v == -1 or v >= 0, ">= 0, or -1 for automatic"),
@@ -208,6 +208,8 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     cfg = Config()
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"--config {path} is a folder; give a TOML file, e.g. configs/fashion-mnist-32.toml")
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:

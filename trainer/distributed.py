@@ -65,6 +65,9 @@ def init_distributed() -> DistContext:
     """
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # skips DeepSpeed's accelerator probe and its warning
+    # DeepSpeed's JIT ops built per environment: in torch's one default folder for all of them, two
+    # environments (two checkouts, two venvs) would rebuild the op for each other at every start (~35 s)
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     import logging
 
     import deepspeed  # deferred: importing DeepSpeed takes seconds

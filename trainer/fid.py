@@ -17,7 +17,7 @@ FID: ||mu_r - mu_g||^2 + tr(S_r + S_g - 2 (S_r S_g)^(1/2)); the trace of the squ
 from symmetric eigendecompositions (see trace_sqrt_product; scipy.linalg.sqrtm on request).
 
 KID (Binkowski et al. 2018, as torch-fidelity computes it): the unbiased MMD^2 with the kernel
-k(x, y) = (x . y / d + 1)^3, averaged over `subsets` random subsets of min(1000, n) per side.
+k(x, y) = (x . y / d + 1)^3, averaged over `subsets` random subsets of min(1000, n // 2) per side.
 
 The reference side is the first n images of the shard set in ShardLoader's seeded shuffled
 order. Its statistics are cached under a key of the set's manifest (its bytes: counts and each
@@ -199,27 +199,45 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product(sigma1, sigma2, method))
 
 
+def kid_subset_images(n1: int, n2: int, subset_size: int = KID_SUBSET_SIZE) -> int:
+    """Images per side in each KID subset: at most half of the smaller set, so that subsets differ.
+
+    A subset as large as its set is the set itself, every time: all `subsets` estimates would be one
+    number and the reported std 0 by construction rather than the estimate's spread. Two images are
+    the least an unbiased estimate needs, so sets of 2 or 3 still get subsets of 2 (for 2, the set).
+    """
+    return min(subset_size, max(min(n1, n2) // 2, 2))
+
+
+def polynomial_mmd2(x: torch.Tensor, y: torch.Tensor) -> float:
+    """The unbiased MMD^2 of two equal-sized samples with the kernel k(a, b) = (a . b / d + 1)^3."""
+    m, dim = len(x), x.shape[1]
+    kxx = (x @ x.t()).double().div_(dim).add_(1).pow_(3)
+    kyy = (y @ y.t()).double().div_(dim).add_(1).pow_(3)
+    kxy = (x @ y.t()).double().div_(dim).add_(1).pow_(3)
+    within = (kxx.sum() - kxx.diagonal().sum() + kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
+    return float(within - 2 * kxy.mean())
+
+
 def kernel_inception_distance(f1: np.ndarray, f2: np.ndarray, subsets: int = KID_SUBSETS,
                               subset_size: int = KID_SUBSET_SIZE, seed: int = 0) -> tuple[float, float]:
     """Mean and standard deviation over subsets of the unbiased MMD^2 with a cubic polynomial kernel.
 
-    Unbiased: an estimate can be negative, and its mean over draws from one distribution is 0.
+    Unbiased: an estimate can be negative, and its mean over draws from one distribution is 0. The
+    subsets hold kid_subset_images(...) images per side, drawn without replacement, afresh for each.
     """
-    m = min(subset_size, len(f1), len(f2))
-    if m < 2:
+    if min(len(f1), len(f2)) < 2:
         raise EvalError(f"KID needs at least 2 images per side, got {len(f1)} and {len(f2)}")
-    dim = f1.shape[1]
+    m = kid_subset_images(len(f1), len(f2), subset_size)
+    if m < 2:
+        raise EvalError(f"KID needs subsets of at least 2 images, got {subset_size}")
     rng = np.random.default_rng(seed)
     a, b = torch.from_numpy(np.asarray(f1, dtype=np.float32)), torch.from_numpy(np.asarray(f2, dtype=np.float32))
     values = []
     for _ in range(subsets):
         x = a[torch.from_numpy(rng.choice(len(a), m, replace=False))]
         y = b[torch.from_numpy(rng.choice(len(b), m, replace=False))]
-        kxx = (x @ x.t()).double().div_(dim).add_(1).pow_(3)
-        kyy = (y @ y.t()).double().div_(dim).add_(1).pow_(3)
-        kxy = (x @ y.t()).double().div_(dim).add_(1).pow_(3)
-        within = (kxx.sum() - kxx.diagonal().sum() + kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
-        values.append(float(within - 2 * kxy.mean()))
+        values.append(polynomial_mmd2(x, y))
     return float(np.mean(values)), float(np.std(values))
 
 
@@ -322,7 +340,7 @@ def compare(reference: SetStats, generated: SetStats, kid_subsets: int = KID_SUB
 def check_kid_size(n: int, kid_subset_size: int) -> None:
     if min(n, kid_subset_size) < 2:
         raise EvalError(f"--n {n} is too small for KID subsets: each side needs at least 2 images "
-                        f"(subsets of min({kid_subset_size}, n))")
+                        f"(subsets of min({kid_subset_size}, n // 2), at least 2)")
 
 
 def evaluate_checkpoint(checkpoint: str | Path, shards: str | Path, n: int = 10_000, *,
@@ -343,7 +361,8 @@ def evaluate_checkpoint(checkpoint: str | Path, shards: str | Path, n: int = 10_
     generated = generated_stats(generator, cfg.model, n, extractor, batch_size=batch_size, seed=seed, keep=keep,
                                 log=log)
     scores = compare(reference, generated, kid_subsets, kid_subset_size, seed, method)
-    return {**scores, "n": n, "kid_subset_size": min(kid_subset_size, n), "kid_subsets": kid_subsets,
+    subset = kid_subset_images(min(n, keep), min(n, keep), kid_subset_size)  # KID draws from the kept features
+    return {**scores, "n": n, "kid_subset_size": subset, "kid_subsets": kid_subsets,
             "checkpoint": str(checkpoint), "shards": str(shards), "reference_cache": str(cache),
             "reference_cached": cached, "device": str(extractor.device), "fid_method": method,
             "seconds": round(time.perf_counter() - started, 1)}

@@ -88,6 +88,9 @@ class Trainer:
         self.pending_quality: dict[str, float] = {}  # joins the next metrics.jsonl record
         self.step_fn = GanStep(self.engines, self.precision, cfg.model, self.ctx, self.noise,
                                cfg.checkpoint.on_nonfinite)
+        # torch's global RNG: the step draws nothing from it, but it is checkpointed and start-up
+        # draws from it a varying number of times; seeded last, it is a function of the seed alone
+        torch.manual_seed(cfg.optim.seed * 100_003 + 2 + self.ctx.rank)
 
     @property
     def total_steps(self) -> int:
