@@ -5,10 +5,13 @@ from __future__ import annotations
 import io
 import os
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from data_shards.manifest import ShardInfo, naming, out_of_space, sha256_file
+
+T = TypeVar("T")
 
 
 def _fsync(path: Path) -> None:
@@ -22,17 +25,27 @@ def write_dali_index(shard: Path) -> bool:
         from wds2idx import IndexCreator
     except ImportError:
         return False
-    final, tmp = shard.with_suffix(".idx"), shard_temp_files(shard)[1]
-    try:
+    def index(tmp: Path) -> None:
         with IndexCreator(str(shard), str(tmp), verbose=False) as creator:
             creator.create_index()
+
+    _write_atomically(shard.with_suffix(".idx"), shard_temp_files(shard)[1], index)
+    return True
+
+
+def _write_atomically(final: Path, tmp: Path, write: Callable[[Path], T]) -> T:
+    """`write(tmp)`, then rename tmp to `final`: a crash never leaves a partial file under the final
+    name. A full disk raises OSError(ENOSPC) naming `final`; the temp file is removed, so what it
+    had taken is free again."""
+    try:
+        result = write(tmp)
         os.replace(tmp, final)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if out_of_space(e):
             raise naming(e, final) from None
         raise
-    return True
+    return result
 
 
 def shard_temp_files(path: Path) -> list[Path]:
@@ -62,16 +75,12 @@ def write_shard(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]], dal
     """Write (key, {extension: bytes}) samples to `path` via a hidden temp file and a rename, so a
     crash never leaves a partial shard under the final name. A full disk raises OSError(ENOSPC)
     naming the file; the temp file is removed, so what it had taken is free again."""
-    tmp = shard_temp_files(path)[0]
-    try:
+    def tar(tmp: Path) -> int:
         count = _write_tar(tmp, samples)
         _fsync(tmp)
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if out_of_space(e):
-            raise naming(e, path) from None
-        raise
+        return count
+
+    count = _write_atomically(path, shard_temp_files(path)[0], tar)
     if dali_index and count:  # DALI's indexer refuses an empty tar; a shard with nothing left is not used
         write_dali_index(path)
     return ShardInfo(path.name, count, sha256_file(path), path.stat().st_size)

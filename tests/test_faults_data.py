@@ -269,23 +269,13 @@ CONVERT_SCRIPT = textwrap.dedent("""
     import numpy as np
     from data_shards.convert import ConvertOptions, convert_source
 
-    class SlowSource:  # the test's ArraySource, slowed down so that the kill lands mid-conversion
-        kind, classes = "arrays", []
+    from conftest import ArraySource
 
-        def __init__(self, images):
-            self.images, self.keys = images, [f"k{i:06d}" for i in range(len(images))]
-
-        def describe(self):
-            return {"kind": self.kind, "n": len(self.images)}
-
-        def scan_keys(self):
-            yield from self.keys
-
+    class SlowSource(ArraySource):  # slowed down so that the kill lands mid-conversion
         def read(self, first_key, count):
-            start = self.keys.index(first_key)
-            for i in range(start, min(start + count, len(self.keys))):
+            for item in super().read(first_key, count):
                 time.sleep(float(os.environ["DELAY_S"]))
-                yield self.keys[i], self.images[i], i
+                yield item
 
     if os.environ.get("KILL_AT_MANIFEST"):  # die between writing the manifest's temp file and its rename
         replace = os.replace
@@ -310,7 +300,7 @@ def test_a_killed_conversion_leaves_whole_shards_and_no_manifest_and_resumes_to_
     reference = convert_source(source, tmp_path / "reference", opts, progress=False)
     script, out = tmp_path / "convert.py", tmp_path / "out"
     script.write_text(CONVERT_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DELAY_S": "0.01"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "DELAY_S": "0.01"}
     command = [sys.executable, str(script), str(n), str(seed), str(out)]
     proc = subprocess.Popen(command, env=env, start_new_session=True)
     try:
