@@ -95,6 +95,17 @@ def alive(processes: list[psutil.Process]) -> list[psutil.Process]:
     return running
 
 
+def names(processes: list[psutil.Process]) -> list[str]:
+    """Names of those still alive; a process may exit between being listed and being asked its name."""
+    out = []
+    for process in alive(processes):
+        try:
+            out.append(process.name())
+        except psutil.Error:
+            pass
+    return out
+
+
 def describe(processes: list[psutil.Process]) -> list[str]:
     out = []
     for process in processes:
@@ -155,7 +166,7 @@ def test_monitor_stops_its_prometheus_and_frees_the_port(command, tmp_path, sign
     monitor.wait_for("Prometheus", lambda: "Prometheus at http://127.0.0.1:" in monitor.out.read_text(), 60)
     assert f"127.0.0.1:{port}," in monitor.out.read_text(), monitor.output()
     started, ports = monitor.stop(signum)
-    assert [p.name() for p in alive(started)] == ["prometheus"] and ports == {port}
+    assert names(started) == ["prometheus"] and ports == {port}
     assert_stopped(monitor, signum, started, ports)
     assert port_is_free(port)
 
@@ -176,7 +187,7 @@ def test_torchrun_training_stops_its_ranks_and_their_metrics(command, fashion_sh
 
 
 def _ray_worker_running(command: Command) -> bool:
-    return any("RayTrainWorker" in p.name() for p in alive(command.descendants()))
+    return any("RayTrainWorker" in name for name in names(command.descendants()))
 
 
 @pytest.mark.slow
@@ -189,5 +200,5 @@ def test_ray_training_stops_the_local_ray_it_started(command, fashion_shards, tm
     training.wait_for("Ray Train worker", lambda: _ray_worker_running(training), 180)
     time.sleep(1)  # the worker's siblings (agents, actors) finish starting
     started, ports = training.stop(signum)
-    assert {"raylet", "gcs_server"} <= {p.name() for p in alive(started)}
+    assert {"raylet", "gcs_server"} <= set(names(started))
     assert_stopped(training, signum, started, ports)
