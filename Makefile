@@ -25,7 +25,7 @@ run: setup-run data  ## set up what training needs, then train the embedded defa
 	$(BIN)/dcgan train --config configs/fashion-mnist-32.toml --resume auto
 
 test: setup  ## set up everything, then run the test suite
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 # training only: torch, DeepSpeed, Ray, WebDataset and the project
 setup-run: $(VENV)/.core $(FASHION_MNIST)

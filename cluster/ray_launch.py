@@ -206,10 +206,12 @@ def check_worker_count(cfg: Config, plan: WorkerPlan, continues: str | Path | No
 
 
 def resume_plan(cfg: Config, resume: str | None) -> tuple[str | None, Path | None]:
-    """(a checkpoint for a new run to start from, the checkpoint Ray's snapshot will restore).
+    """(the checkpoint the workers start from, the checkpoint that continues an earlier Ray run).
 
-    Ray continues a run from its own record under the storage path, so `--resume` of that run
-    (or `auto`) needs no path; a run without that record starts from the given checkpoint.
+    Ray continues a run from its own record under the storage path. That record lags: Ray
+    registers a checkpoint when it next polls the workers, so a head that died in between leaves
+    a newer complete checkpoint on disk than in the record. The workers therefore get the newest
+    complete checkpoint too and start from whichever of the two is newer.
     """
     from trainer.checkpoint import earlier_run_error, list_checkpoints, resolve_checkpoint
 
@@ -223,9 +225,9 @@ def resume_plan(cfg: Config, resume: str | None) -> tuple[str | None, Path | Non
             raise ConfigError(f"Ray continues {cfg.logging.run_dir} from its newest checkpoint"
                               f"{' (' + local[-1].name + ')' if local else ''}; to start from {wanted}, set "
                               "logging.run_dir to a new folder and keep --resume")
-        return (None if snapshot else str(wanted)), continues
+        return str(wanted), continues
     if resume == "auto":
-        return (None if snapshot or not local else str(local[-1])), continues
+        return (str(local[-1]) if local else None), continues
     if snapshot or local:
         raise earlier_run_error(cfg.logging.run_dir, local[-1].name if local else "recorded by Ray")
     return None, None
@@ -271,10 +273,30 @@ def train_on_ray(cfg: Config, resume: str | None, address: str | None) -> dict[s
                 result = trainer.fit()
         except ray.train.TrainingFailedError as e:
             raise ClusterError(f"training failed ({cfg.cluster.max_failures} restart(s) allowed): "
-                               f"{_first_worker_error(e)}") from None
+                               f"{_first_worker_error(e)}; {_newest_checkpoint(cfg)}") from None
+        except ray.exceptions.RayError as e:
+            # the controller actor, or the whole cluster, is gone (a dead head ends its GCS and raylet):
+            # Ray raises this within seconds; nothing the driver could retry would bring the head back
+            lost = f"the Ray cluster at {address}" if address else "the local Ray"
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ClusterError(f"lost {lost} during training ({type(e).__name__}: {reason[:200]}); "
+                               f"{_newest_checkpoint(cfg)}; start the cluster again and rerun with "
+                               "--resume auto") from None
         return dict(result.metrics or {})
     finally:
         ray.shutdown()
+
+
+def _newest_checkpoint(cfg: Config) -> str:
+    from trainer.checkpoint import list_checkpoints
+
+    root = storage_root(cfg)
+    if _is_uri(root):
+        return f"checkpoints are in {root.rstrip('/')}/{CHECKPOINTS}"
+    found = list_checkpoints(Path(root) / CHECKPOINTS)
+    if not found:
+        return "no checkpoint was written"
+    return f"newest checkpoint: {found[-1]}"
 
 
 def _first_worker_error(error: Exception) -> str:

@@ -20,8 +20,10 @@ every start; should DALI meet such a sample it stops the run with one line that 
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +34,10 @@ from data_shards.manifest import ShardSetError, read_manifest_for, size_mismatch
 from data_shards.transform import EXTENSIONS
 
 log = logging.getLogger(__name__)
+# A DALI pipeline that is garbage when the process forks (a conversion pool, DataLoader workers)
+# and is collected in the child waits in its shutdown, forever, for threads the child does not
+# have; collected before the fork, it shuts down in the process that runs them.
+os.register_at_fork(before=gc.collect)
 _LABEL_BYTES = 12  # labels are stored as text ("3", "-1"); padded to a fixed width for DALI
 
 

@@ -22,6 +22,10 @@ workers' last reports after its last batch, so every epoch counts all of the ran
 (shards whose size differs from the manifest are also named in a warning at start). Should
 damage leave a rank short of its step count, it tops up from the start of its own stream (what
 that re-reads is not counted twice), so ranks never disagree on the number of steps.
+
+A DataLoader worker that dies (the OOM killer, a signal from outside) costs time, not data: the
+rank's stream is rebuilt at the batch it had reached, which by the resume rule above is the
+same stream, so the batches after the death are those an uninterrupted run gets.
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+import re
+import signal
+import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -44,6 +51,9 @@ log = logging.getLogger(__name__)
 # what a worker reports with each batch: the damage it found since the last one, as {what: samples},
 # where `what` names a shard (samples it lost) or a shard's sample (one that did not decode)
 Damage = dict[str, int]
+# how torch's DataLoader reports a worker process that is gone
+WORKER_DIED = re.compile(r"DataLoader worker \(pid")
+WORKER_RESTARTS = 3  # per rank stream: a worker that dies every time (bad memory, a leak) is not waited out
 
 
 def _stream_seed(*parts: int) -> int:
@@ -103,6 +113,7 @@ class ShardLoader:
         self.extension = EXTENSIONS[self.manifest.encoding]
         self.device = torch.device(device)
         self.skipped = 0
+        self.worker_restarts = 0
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.seed, self.channels = seed, channels
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
@@ -212,9 +223,34 @@ class ShardLoader:
         # global RNG: one draw per epoch, or per resume, would leave a resumed run's global RNG one
         # draw off an uninterrupted one's (the workers here use their own seeded streams anyway)
         seed = torch.Generator().manual_seed(_stream_seed(self.seed, epoch, self.rank, start_step))
-        return iter(torch.utils.data.DataLoader(
+        main_thread = threading.current_thread() is threading.main_thread()
+        before = signal.getsignal(signal.SIGCHLD) if main_thread else None
+        batches = iter(torch.utils.data.DataLoader(
             dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=4, generator=seed,
             persistent_workers=False, multiprocessing_context="fork", pin_memory=self.device.type == "cuda"))
+        if main_thread:
+            # torch's SIGCHLD handler raises a dead worker's error in whatever the main thread runs, mid
+            # optimiser step too, where nothing can recover; without it the iterator finds the dead worker
+            # itself (within 5 s of needing its batch), inside the loader, where the stream restarts
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL if before is None else before)
+        return batches
+
+    def _surviving_stream(self, epoch: int, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, Damage]]:
+        """`_rank_stream`, rebuilt at the batch it had reached when a DataLoader worker dies."""
+        delivered = 0
+        for restart in itertools.count():
+            try:
+                for item in self._rank_stream(epoch, start_step + delivered):
+                    yield item
+                    delivered += bool(len(item[1]))
+                return
+            except RuntimeError as e:
+                if not WORKER_DIED.search(str(e)) or restart == WORKER_RESTARTS:
+                    raise
+                self.worker_restarts += 1
+                log.warning("rank %d: %s; its stream restarts at batch %d of epoch %d (restart %d of %d)",
+                            self.rank, str(e).strip().splitlines()[0].rstrip("."), start_step + delivered,
+                            epoch, restart + 1, WORKER_RESTARTS)
 
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's batches of `epoch` from step `start_step` on, exactly `steps_per_epoch` in all."""
@@ -230,8 +266,8 @@ class ShardLoader:
                     self.skipped += samples
 
         produced = 0
-        streams = itertools.chain([self._rank_stream(epoch, start_step)],
-                                  (self._rank_stream(epoch, 0) for _ in range(2)))
+        streams = itertools.chain([self._surviving_stream(epoch, start_step)],
+                                  (self._surviving_stream(epoch, 0) for _ in range(2)))
         for top_up, stream in enumerate(streams):
             # past the last batch the first stream holds only its workers' last reports: read them all;
             # a top-up stream re-reads what the first one reported, so it is left at the last batch

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 
+import psutil
 import pytest
 from conftest import RAY_REDIRECTS, ROOT, child_env, run_dcgan, tiny_train_args
 
@@ -143,3 +147,92 @@ def test_a_killed_worker_is_restarted_from_the_last_checkpoint_and_a_stopped_run
     # a run that went well shows no line that reads like an error (Ray's PreemptionWatcher note was one)
     errors = [line for line in ANSI.sub("", res.stdout + res.stderr).splitlines() if ERROR_LINE.search(line)]
     assert not errors, "\n".join(errors)
+
+
+# --- the cluster fails under a run -------------------------------------------------------------------------
+def _head_processes(head: LocalRayHead) -> list[psutil.Process]:
+    root = psutil.Process(head._process.pid)
+    return [root, *root.children(recursive=True)]
+
+
+def _wait(what: str, ready, process: subprocess.Popen, output: Path, timeout_s: float = 180):
+    deadline = time.monotonic() + timeout_s
+    while not (found := ready()):
+        assert process.poll() is None, f"exited {process.returncode} before {what}:\n{output.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout_s} s:\n{output.read_text()[-3000:]}"
+        time.sleep(0.2)
+    return found
+
+
+def _train_against(head: LocalRayHead, args: list[str], output: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "cluster.cli", *args, "--address", head.gcs_address], cwd=ROOT,
+                            env=child_env(head.env), stdout=output.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _checkpoint_steps(run: Path) -> list[int]:
+    return [read_meta(c)["step"] for c in list_checkpoints(run / "checkpoints")]
+
+
+def _last_line(output: Path) -> str:
+    return ANSI.sub("", output.read_text()).strip().splitlines()[-1]
+
+
+def test_a_worker_killed_more_often_than_allowed_ends_the_run_in_one_line_with_its_checkpoints(
+        ray_head, fashion_shards, tmp_path):
+    run, output = tmp_path / "r", tmp_path / "out.txt"
+    args = tiny_train_args(fashion_shards, run, "optim.max_steps=100000", "checkpoint.every_steps=10",
+                           "cluster.max_failures=0", "metrics.enabled=false", "precision.dtype=fp32",
+                           launcher="ray")
+    training = _train_against(ray_head, args, output)
+    try:
+        _wait("a checkpoint", lambda: _checkpoint_steps(run), training, output)
+        worker = _wait("the train worker", lambda: [p for p in _head_processes(ray_head)
+                                                    if "RayTrainWorker" in " ".join(p.cmdline())], training, output)
+        worker[0].kill()  # SIGKILL from outside: no exception, no cleanup, as the OOM killer does it
+        assert training.wait(timeout=120) == 2, output.read_text()[-3000:]
+    finally:
+        if training.poll() is None:
+            training.kill()
+    last = _last_line(output)
+    assert last.startswith("dcgan: error: training failed (0 restart(s) allowed)"), last
+    assert "newest checkpoint: " in last
+    steps = _checkpoint_steps(run)
+    assert steps and all(step % 10 == 0 for step in steps)
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith("step-") and p.name[5:].isdigit()
+                and int(p.name[5:]) not in steps], "a checkpoint folder that is not complete"
+
+
+def test_a_dead_head_ends_the_driver_in_bounded_time_and_resume_auto_continues_on_a_new_one(fashion_shards,
+                                                                                          tmp_path):
+    run, output = tmp_path / "r", tmp_path / "out.txt"
+    args = tiny_train_args(fashion_shards, run, "optim.max_steps=100000", "checkpoint.every_steps=10",
+                           "metrics.enabled=false", "precision.dtype=fp32", launcher="ray")
+    with LocalRayHead(num_cpus=2) as head:
+        training = _train_against(head, args, output)
+        try:
+            _wait("two checkpoints", lambda: len(_checkpoint_steps(run)) >= 2, training, output)
+            for process in _head_processes(head):  # the head machine fails: GCS, raylet, workers, dashboard
+                process.kill()
+            killed = time.monotonic()
+            assert training.wait(timeout=90) == 2, output.read_text()[-3000:]
+            assert time.monotonic() - killed < 60
+        finally:
+            if training.poll() is None:
+                training.kill()
+    last = _last_line(output)
+    assert last.startswith(f"dcgan: error: lost the Ray cluster at {head.gcs_address} during training"), last
+    assert last.endswith("start the cluster again and rerun with --resume auto"), last
+    newest = _checkpoint_steps(run)[-1]
+    assert f"newest checkpoint: {list_checkpoints(run / 'checkpoints')[-1]}" in last
+
+    target = newest + 5
+    args[args.index("optim.max_steps=100000")] = f"optim.max_steps={target}"
+    with LocalRayHead(num_cpus=2) as head:
+        res = subprocess.run([sys.executable, "-m", "cluster.cli", *args, "--address", head.gcs_address, "--resume",
+                              "auto"], cwd=ROOT, env=child_env(head.env), capture_output=True, text=True, timeout=300)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    # from the newest complete checkpoint on disk, though the dead head may not have registered it
+    assert f"resumed from step {newest}" in out and f"done: {target} steps" in out
+    assert _checkpoint_steps(run)[-1] == target

@@ -15,7 +15,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
+import torch
 from conftest import ROOT, ArraySource
 
 from cluster.cli import main
@@ -140,6 +142,27 @@ def test_device_loader_counts_the_samples_a_cut_shard_lost(cut, caplog):
     assert "shard-000002.tar: size" in caplog.text
     assert ld.skipped == len(lost) and set(ld.labels.tolist()) == set(range(N)) - lost
     assert len(list(ld.batches(0))) == ld.steps_per_epoch(0) == N // BATCH
+
+
+def test_a_killed_dataloader_worker_costs_time_not_data(pristine, caplog):
+    """SIGKILL from outside to one of the rank's DataLoader workers mid-epoch: the stream is rebuilt where
+    it was, so every batch is the one an undisturbed epoch delivers; in the main thread, as a rank runs."""
+    reference = list(shard_loader(pristine, workers=2).batches(0))
+    loader, ours = shard_loader(pristine, workers=2), psutil.Process()
+    before = {p.pid for p in ours.children()}
+    batches = []
+    with caplog.at_level(logging.WARNING, logger="data_shards.loader"):
+        for images_, labels in loader.batches(0):
+            batches.append((images_, labels))
+            if len(batches) == 5:
+                workers = [p for p in ours.children() if p.pid not in before]
+                assert len(workers) == 2
+                workers[1].kill()  # not reaped here: its parent, the loader, is the one to find it dead
+    assert len(batches) == len(reference) == N // BATCH
+    for (a, la), (b, lb) in zip(batches, reference, strict=True):
+        assert torch.equal(la, lb) and torch.equal(a, b)
+    assert loader.worker_restarts == 1 and loader.skipped == 0
+    assert f"pid(s) {workers[1].pid}) exited unexpectedly; its stream restarts at batch" in caplog.text
 
 
 def test_dali_leaves_out_a_shard_whose_size_changed_and_says_why(cut, caplog):

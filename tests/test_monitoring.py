@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -54,6 +55,31 @@ def test_training_goes_on_without_metrics_when_they_cannot_be_served(tmp_path, c
     assert "metrics: rank 0 trains without metrics" in capsys.readouterr().err
     metrics.on_step(1, 0.1, 0.0)
     metrics.close()
+
+
+def test_every_candidate_port_taken_leaves_training_without_metrics_in_one_line(tmp_path, capsys):
+    from trainer.telemetry import PORT_ATTEMPTS
+
+    with contextlib.ExitStack() as stack:
+        for _ in range(50):  # a run of PORT_ATTEMPTS free ports, each held by a listening socket
+            first = free_port()
+            try:
+                for port in range(first, first + PORT_ATTEMPTS):
+                    taken = stack.enter_context(socket.socket())
+                    taken.bind(("127.0.0.1", port))
+                    taken.listen()
+                break
+            except OSError:
+                stack.close()
+        else:
+            pytest.skip(f"no run of {PORT_ATTEMPTS} free ports on 127.0.0.1")
+        metrics = open_metrics(MetricsConfig(port=first, targets_dir=str(tmp_path / "targets")), "r", 0, 0,
+                               tmp_path / "r")
+        assert isinstance(metrics, NoMetrics)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"metrics: rank 0 trains without metrics: no free port in {first}-"
+                   f"{first + PORT_ATTEMPTS - 1} on 127.0.0.1"]
+    assert not (tmp_path / "targets").exists() or not list((tmp_path / "targets").iterdir())
 
 
 def _query(url: str, expr: str, at: float | None = None) -> list[dict]:

@@ -112,7 +112,7 @@ class RankMetrics:
                 print(f"metrics: port {first_port} is busy; rank {self.labels['rank']} serves on {host}:{port}",
                       file=sys.stderr, flush=True)
             return port, server
-        raise OSError(f"metrics: no free port in {first_port}-{first_port + PORT_ATTEMPTS - 1} on {host}")
+        raise OSError(f"no free port in {first_port}-{first_port + PORT_ATTEMPTS - 1} on {host}")
 
     def _announce(self) -> None:
         entry = [{"targets": [f"{self.host}:{self.port}"], "labels": {"job": "dcgan", **self.labels}}]
