@@ -16,7 +16,9 @@ from typing import Any
 
 import ray.train
 
+from cluster.ray_launch import CHECKPOINTS
 from trainer.checkpoint import (
+    COMPLETE_NAME,
     CheckpointStore,
     CheckpointWriteError,
     TrainState,
@@ -51,4 +53,16 @@ class RayCheckpointer(CheckpointStore):
                              checkpoint_dir_name=name)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        if self.ctx.is_main:
+            self._mark_complete(name)
         self.last_saved_step = state.step
+
+    def _mark_complete(self, name: str) -> None:
+        """Ray copies the parts file by file: only now is the folder in storage a whole checkpoint."""
+        import pyarrow.fs
+
+        root = self.config["cluster"]["storage_path"] or self.config["logging"]["run_dir"]
+        uri = root if "://" in root else Path(root).resolve().as_uri()
+        fs, base = pyarrow.fs.FileSystem.from_uri(uri)
+        with fs.open_output_stream(f"{base.rstrip('/')}/{CHECKPOINTS}/{name}/{COMPLETE_NAME}"):
+            pass

@@ -27,7 +27,14 @@ import torch
 from conftest import ROOT, assert_same, child_env, engine_state, run_dcgan, tiny_train_args
 
 from cluster.cli import main
-from trainer.checkpoint import MODEL_STATES, PAUSE_IN_SAVE, list_checkpoints, load_module_weights, resolve_checkpoint
+from trainer.checkpoint import (
+    COMPLETE_NAME,
+    MODEL_STATES,
+    PAUSE_IN_SAVE,
+    list_checkpoints,
+    load_module_weights,
+    resolve_checkpoint,
+)
 from trainer.checkpoint_io import CheckpointError, safe_load
 
 STEP = "step-00000030"  # the trained run's newest checkpoint, the one each case damages
@@ -468,3 +475,16 @@ def test_a_run_killed_inside_a_save_leaves_no_checkpoint_and_the_next_resumes(fa
 
 if __name__ == "__main__":
     drive(sys.argv[1])
+
+
+def test_a_copy_to_storage_cut_short_is_never_taken_for_a_checkpoint(trained_run, tmp_path):
+    """Ray uploads a checkpoint file by file; a head that dies mid-copy leaves every name in place but no
+    `complete` mark (written once every rank's upload is done): the folder is not a checkpoint."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run / "checkpoints", run / "checkpoints")
+    newest = list_checkpoints(run / "checkpoints")[-1]
+    cut = shutil.copytree(newest, run / "checkpoints" / "step-00000040")
+    (cut / "trainer.json").write_text("")  # caught mid-write, as the head's death left it
+    (cut / COMPLETE_NAME).unlink()
+    assert list_checkpoints(run / "checkpoints")[-1] == newest
+    assert resolve_checkpoint(run) == newest

@@ -35,6 +35,9 @@ from trainer.engines import GanEngines
 PREFIX = "step-"
 TMP_PREFIX = f".tmp-{PREFIX}"
 META_NAME = "trainer.json"
+# written last, once every part is in place: a folder without it is a copy that was cut short (Ray's
+# upload to storage is file by file, not atomic), never a checkpoint to continue from
+COMPLETE_NAME = "complete"
 MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's file of a net's weights (and, without ZeRO, Adam's state)
 NETS = ("generator", "discriminator")
 # Test hook: with DCGAN_FAULT_PAUSE_IN_SAVE=N, the save of step N stops after every part is written, just before the
@@ -72,12 +75,12 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
 
 
 def _is_complete(checkpoint: Path) -> bool:
-    """trainer.json and every rank's file are there (a copy to storage may have been cut short).
+    """Marked complete when written, and trainer.json and every rank's file are there.
 
     A trainer.json that is there but unreadable counts: resuming then names the damage instead of
     silently continuing from an older checkpoint.
     """
-    if not (checkpoint / META_NAME).is_file():
+    if not (checkpoint / COMPLETE_NAME).is_file() or not (checkpoint / META_NAME).is_file():
         return False
     try:
         world_size = read_meta(checkpoint)["world_size"]
@@ -292,6 +295,7 @@ class Checkpointer(CheckpointStore):
             failed = e
         self._all_written(failed, name, tmp)
         if self.ctx.is_main:
+            (tmp / COMPLETE_NAME).touch()  # the rename below is what publishes it; the marker keeps one rule
             if os.environ.get(PAUSE_IN_SAVE) == str(state.step):
                 (tmp / "paused").touch()
                 time.sleep(3600)
