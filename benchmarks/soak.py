@@ -169,6 +169,8 @@ def differences(a, b, path: str = "", atol: float = 0.0) -> list[str]:
                 for d in differences(x, y, f"{path}[{i}]", atol)]
     if isinstance(a, (int, float, str, bool, bytes, type(None))):
         return [] if a == b else [path]
+    if type(a) is type(b) and hasattr(a, "__dict__"):  # DeepSpeed's records: LossScaler, fragment_address
+        return differences(vars(a), vars(b), f"{path}.__dict__", atol)
     return [f"{path}: cannot compare {type(a).__name__}"]
 
 
