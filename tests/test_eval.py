@@ -12,9 +12,9 @@ from PIL import Image
 
 from cluster.cli import main
 from data_shards.manifest import MANIFEST_NAME
-from trainer.config import Config, ModelConfig, to_toml
-from trainer.eval_data import EvalError, load_discriminator, load_fashion_mnist, load_generator, read_mnist_digits
-from trainer.features import (
+from evaluation.datasets import load_fashion_mnist, read_mnist_digits
+from evaluation.errors import EvalError
+from evaluation.features import (
     FeatureEvalOptions,
     SvmPath,
     decision_scores,
@@ -24,7 +24,7 @@ from trainer.features import (
     pixel_features,
     run_feature_eval,
 )
-from trainer.fid import (
+from evaluation.fid import (
     RunningStats,
     check_kid_size,
     frechet_distance,
@@ -32,11 +32,12 @@ from trainer.fid import (
     kid_subset_images,
     polynomial_mmd2,
     reference_stats,
-    to_uint8,
 )
-from trainer.latent import arithmetic_grid, interpolation, slerp, vector_arithmetic, walk_frames, walk_latents
-from trainer.models import build_models, sample_z
-from trainer.sampling import generate, make_grid
+from evaluation.images import generate, make_grid, to_uint8
+from evaluation.latent import arithmetic_grid, interpolation, slerp, vector_arithmetic, walk_frames, walk_latents
+from trainer.checkpoint_nets import load_discriminator, load_generator
+from trainer.config import Config, ModelConfig, to_toml
+from trainer.models import Discriminator, build_models, init_weights, sample_z
 
 TINY = ModelConfig(resolution=32, channels=1, ngf=8, ndf=8)
 
@@ -92,7 +93,7 @@ def test_eval_images_are_the_training_pixels(fashion_shards):
     from data_shards.transform import decode_stored
     from data_shards.writer import read_shard
 
-    data = load_fashion_mnist("train", TINY)
+    data = load_fashion_mnist("train", TINY.resolution, TINY.channels)
     stored = [decode_stored(s["png"], "png", (32, 32, 1)).transpose(2, 0, 1)
               for s in read_shard(fashion_shards / "shard-000000.tar")]
     assert np.array_equal(np.stack(stored), data.images[:len(stored)])
@@ -197,11 +198,17 @@ def test_feature_protocol_end_to_end(two_step_run, tmp_path):
         assert sources[name]["fashion_all"]["accuracy"] > 0.5  # ten classes: chance is 0.1
 
 
-def test_feature_protocol_is_seeded(tiny_run):
+def test_feature_protocol_is_seeded():
     opts = FeatureEvalOptions(train_limit=600, test_limit=200, labels=100, subsets=2, mnist_train=500, cv_limit=300,
                               sources=("random D",))
-    first = run_feature_eval(tiny_run, opts, log=lambda _: None)["sources"]["random D"]
-    again = run_feature_eval(tiny_run, opts, log=lambda _: None)["sources"]["random D"]
+
+    def random_d():  # the protocol seeds the factory's draws with opts.seed
+        net = Discriminator(TINY)
+        init_weights(net, TINY.init_std)
+        return net
+
+    first = run_feature_eval(opts, 32, 1, random_d=random_d, log=lambda _: None)["sources"]["random D"]
+    again = run_feature_eval(opts, 32, 1, random_d=random_d, log=lambda _: None)["sources"]["random D"]
     for task in ("fashion_all", "fashion_labels", "mnist_transfer"):
         assert first[task]["accuracy"] == again[task]["accuracy"]
 
@@ -319,41 +326,41 @@ def test_reference_stats_are_cached_and_invalidated(fashion_shards, tmp_path):
     shutil.copytree(fashion_shards, shards)
     cache = tmp_path / "cache"
     extractor = CountingExtractor()
-    first, path, cached = reference_stats(shards, 40, extractor, TINY, cache_dir=cache, batch_size=16,
+    first, path, cached = reference_stats(shards, 40, extractor, 32, 1, cache_dir=cache, batch_size=16,
                                           log=lambda _: None)
     assert not cached and path.is_file() and path.parent == cache and extractor.images == 40
     assert first.n == 40 and first.kid_features.shape == (40, 8)
-    again, path2, cached = reference_stats(shards, 40, extractor, TINY, cache_dir=cache, log=lambda _: None)
+    again, path2, cached = reference_stats(shards, 40, extractor, 32, 1, cache_dir=cache, log=lambda _: None)
     assert cached and path2 == path and extractor.images == 40  # nothing extracted the second time
     np.testing.assert_array_equal(again.sigma, first.sigma)
     # another n, or a changed shard set (here: one shard dropped from the manifest), is another entry
-    _, path3, cached = reference_stats(shards, 32, extractor, TINY, cache_dir=cache, log=lambda _: None)
+    _, path3, cached = reference_stats(shards, 32, extractor, 32, 1, cache_dir=cache, log=lambda _: None)
     assert not cached and path3 != path
     manifest = json.loads((shards / MANIFEST_NAME).read_text())
     manifest["shards"] = manifest["shards"][:-1]
     manifest.pop("total", None)
     (shards / MANIFEST_NAME).write_text(json.dumps(manifest))
-    _, path4, cached = reference_stats(shards, 40, extractor, TINY, cache_dir=cache, log=lambda _: None)
+    _, path4, cached = reference_stats(shards, 40, extractor, 32, 1, cache_dir=cache, log=lambda _: None)
     assert not cached and path4 not in (path, path3)
     # a damaged cache file is recomputed, not trusted
     path4.write_bytes(b"garbage")
-    _, _, cached = reference_stats(shards, 40, extractor, TINY, cache_dir=cache, log=lambda _: None)
+    _, _, cached = reference_stats(shards, 40, extractor, 32, 1, cache_dir=cache, log=lambda _: None)
     assert not cached
     # by default the cache sits beside the shards
-    _, path5, _ = reference_stats(shards, 16, extractor, TINY, log=lambda _: None)
+    _, path5, _ = reference_stats(shards, 16, extractor, 32, 1, log=lambda _: None)
     assert path5.parent == shards / ".fid-cache"
     assert sorted(p.name for p in cache.iterdir() if p.name.startswith(".")) == []  # no temp files left
 
 
 @pytest.fixture(scope="module")
 def inception():
-    from trainer.fid import InceptionFeatures
+    from evaluation.fid import InceptionFeatures
 
     return InceptionFeatures()
 
 
 def test_inception_fid_same_set_near_zero_noised_set_far(inception, fashion_shards):
-    from trainer.fid import shard_images
+    from evaluation.fid import shard_images
 
     clean = torch.cat(list(shard_images(fashion_shards, 16, 32, 1)))
     noised = (clean.float() + torch.randn(clean.shape, generator=torch.Generator().manual_seed(0)) * 60)
@@ -407,8 +414,8 @@ def test_to_uint8_rounds_like_saved_grids():
 # --- latent walks and arithmetic ---------------------------------------------------------------------
 def test_interpolation_endpoints_are_the_random_samples(tiny_run, tmp_path):
     cfg, generator = load_generator(tiny_run)
-    codes, images = interpolation(generator, cfg.model, k=4, steps=5, seed=11)
-    z = sample_z(4, cfg.model, torch.Generator().manual_seed(11))
+    z = sample_z(4, cfg.model, torch.Generator().manual_seed(11))  # what `dcgan sample interpolate --seed 11` walks
+    codes, images = interpolation(generator, z, steps=5)
     assert codes.shape == (3, 5, 100) and images.shape == (3, 5, 1, 32, 32)
     for i in range(3):
         assert torch.equal(codes[i, 0], z[i]) and torch.equal(codes[i, -1], z[i + 1])
@@ -445,7 +452,7 @@ def test_arithmetic_uses_the_sample_grids_z(tiny_run, tmp_path):
     z = sample_z(16, cfg.model, torch.Generator().manual_seed(3))
     assert np.array_equal(np.asarray(Image.open(grid)), make_grid(generate(generator, z)))
 
-    arith = vector_arithmetic(cfg.model, 16, 3, [1, 2], [3], [4, 5, 6], neighbours=3, seed=0)
+    arith = vector_arithmetic(z, [1, 2], [3], [4, 5, 6], neighbours=3, seed=0)
     torch.testing.assert_close(arith.means[0], (z[1] + z[2]) / 2, rtol=0, atol=0)
     torch.testing.assert_close(arith.means[1], z[3], rtol=0, atol=0)
     torch.testing.assert_close(arith.means[2], z[4:7].mean(0), rtol=0, atol=0)

@@ -22,12 +22,12 @@ import torch
 from conftest import ROOT, child_env, tiny_train_args
 from torch import nn
 
+from evaluation.images import generate
 from kernels.dispatch import block_unsupported, conv_transpose_bn_relu
 from kernels.shapes import generator_blocks
+from trainer.checkpoint_nets import load_generator
 from trainer.config import ModelConfig
-from trainer.eval_data import load_generator
 from trainer.models import Generator, build_models, fused_kernels_unavailable
-from trainer.sampling import generate
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -12,6 +12,7 @@ import torch
 
 from data_shards.loaders import open_loader
 from data_shards.manifest import ShardSetError
+from evaluation.images import generate, save_grid
 from trainer.checkpoint import Checkpointer, CheckpointStore, TrainState
 from trainer.config import Config, to_toml
 from trainer.distributed import DistContext, average_batchnorm_stats, barrier, init_distributed
@@ -19,7 +20,6 @@ from trainer.engines import GanEngines, build_engines
 from trainer.metrics import MetricsLog, StepMeter
 from trainer.models import build_models, fused_kernels_unavailable, sample_z
 from trainer.precision import Precision, choose_precision, probe_hardware
-from trainer.sampling import generate, save_grid
 from trainer.step import GanStep, NonFiniteLoss
 from trainer.telemetry import NoMetrics, open_metrics
 

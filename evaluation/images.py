@@ -1,4 +1,4 @@
-"""Image grids from the generator (PNG via Pillow, so no torchvision is needed)."""
+"""Samples and image grids from a generator (PNG via Pillow, so no torchvision is needed)."""
 
 from __future__ import annotations
 

