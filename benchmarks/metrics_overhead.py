@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.preset_runs import images_per_second, parse_args, train_args  # noqa: E402
 from benchmarks.report import print_table, write_result  # noqa: E402
 from cluster.monitor import start_prometheus, write_config  # noqa: E402
-from trainer.distributed import free_port  # noqa: E402
+from common.ports import free_port  # noqa: E402
 
 
 def run_once(run_dir: Path, shards: str, steps: int, warmup: int, metrics_on: bool, port: int) -> float:

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.preset_runs import images_per_second, parse_args, records, train_args  # noqa: E402
 from benchmarks.report import print_table, write_result  # noqa: E402
-from cluster.local_head import LocalRayHead  # noqa: E402
+from cluster.testing.local_head import LocalRayHead  # noqa: E402
 
 
 def measure(run_dir: Path, launched: float, warmup: int) -> dict:

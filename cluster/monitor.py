@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from common.ports import free_port_from
 
 RAY_SERVICE_DISCOVERY = Path("/tmp/ray/prom_metrics_service_discovery.json")
 UNPACKED = Path(sys.prefix) / "prometheus" / "usr" / "bin" / "prometheus"  # where `make monitoring` puts it
@@ -51,17 +52,6 @@ def write_config(path: Path, targets: Path, scrape_interval: str = "5s") -> Path
     return path
 
 
-def free_port_from(host: str, port: int, attempts: int = 100) -> int:
-    for candidate in range(port, port + attempts):
-        with socket.socket() as s:
-            try:
-                s.bind((host, candidate))
-                return candidate
-            except OSError:
-                continue
-    raise MonitorError(f"no free port in {port}-{port + attempts - 1} on {host}")
-
-
 def start_prometheus(config: Path, data_dir: Path, host: str, port: int, timeout_s: float = 60
                      ) -> tuple[subprocess.Popen, str]:
     """Start Prometheus and wait until it is ready; returns the process and its URL.
@@ -70,6 +60,8 @@ def start_prometheus(config: Path, data_dir: Path, host: str, port: int, timeout
     """
     binary = find_prometheus()
     chosen = free_port_from(host, port)
+    if chosen is None:
+        raise MonitorError(f"no free port in {port}-{port + 99} on {host}")
     if chosen != port:
         print(f"monitor: port {port} is busy; Prometheus listens on {host}:{chosen}", file=sys.stderr)
     url = f"http://{host}:{chosen}"

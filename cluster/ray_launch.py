@@ -21,8 +21,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from cluster.faults import InjectedFault
 from cluster.scaling import WorkerPlan, plan_workers, shortfall
+from cluster.testing.faults import InjectedFault
 from trainer.config import Config, ConfigError
 
 CHECKPOINTS = "checkpoints"  # RunConfig.name: the folder under the storage root
@@ -213,24 +213,19 @@ def resume_plan(cfg: Config, resume: str | None) -> tuple[str | None, Path | Non
     a newer complete checkpoint on disk than in the record. The workers therefore get the newest
     complete checkpoint too and start from whichever of the two is newer.
     """
-    from trainer.checkpoint import earlier_run_error, list_checkpoints, resolve_checkpoint
+    from trainer.checkpoint import checkpoint_to_resume, earlier_run_error, list_checkpoints
 
     root = storage_root(cfg)
     snapshot = has_run_snapshot(cfg)
     local = [] if _is_uri(root) else list_checkpoints(Path(root) / CHECKPOINTS)
-    continues = local[-1] if snapshot and local else None
-    if resume and resume != "auto":
-        wanted = resolve_checkpoint(resume).resolve()
-        if snapshot and (not local or wanted != local[-1].resolve()):
-            raise ConfigError(f"Ray continues {cfg.logging.run_dir} from its newest checkpoint"
-                              f"{' (' + local[-1].name + ')' if local else ''}; to start from {wanted}, set "
-                              "logging.run_dir to a new folder and keep --resume")
-        return str(wanted), continues
-    if resume == "auto":
-        return (str(local[-1]) if local else None), continues
-    if snapshot or local:
-        raise earlier_run_error(cfg.logging.run_dir, local[-1].name if local else "recorded by Ray")
-    return None, None
+    if snapshot and not local and not resume:
+        raise earlier_run_error(cfg.logging.run_dir, "recorded by Ray")
+    start = checkpoint_to_resume(resume, local, cfg.logging.run_dir)
+    if resume not in (None, "auto") and snapshot and (not local or start.resolve() != local[-1].resolve()):
+        raise ConfigError(f"Ray continues {cfg.logging.run_dir} from its newest checkpoint"
+                          f"{' (' + local[-1].name + ')' if local else ''}; to start from {start.resolve()}, set "
+                          "logging.run_dir to a new folder and keep --resume")
+    return (str(start) if start else None), (local[-1] if snapshot and local else None)
 
 
 def train_on_ray(cfg: Config, resume: str | None, address: str | None) -> dict[str, Any]:

@@ -9,8 +9,8 @@ from typing import Any
 import ray.train
 import torch
 
-from cluster.faults import InjectedFault
 from cluster.ray_checkpointer import RayCheckpointer
+from cluster.testing.faults import InjectedFault
 from trainer.checkpoint import read_meta
 from trainer.config import config_from_dict
 from trainer.distributed import init_distributed

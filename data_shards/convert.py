@@ -33,12 +33,11 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from common.atomic import atomic_write_bytes, out_of_space
 from data_shards.manifest import (
     MANIFEST_NAME,
     Manifest,
     ShardInfo,
-    atomic_write_bytes,
-    out_of_space,
     read_manifest,
     write_manifest,
 )

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.atomic import atomic_write_bytes
 from data_shards.convert import ConversionError
-from data_shards.manifest import atomic_write_bytes
 from data_shards.sources import Source
 from data_shards.transform import UndecodableImage, center_crop_resize, decode_image
 

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.atomic import atomic_write_bytes
+
 MANIFEST_NAME = "manifest.json"
 FORMAT = "dcgan-shards/1"
-_OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 class ShardSetError(FileNotFoundError):
@@ -47,33 +46,6 @@ class Manifest:
         data = asdict(self)
         data["total"] = self.total
         return json.dumps(data, indent=1)
-
-
-def out_of_space(error: BaseException) -> bool:
-    """A write that failed because the disk or the user's quota is full."""
-    return isinstance(error, OSError) and error.errno in _OUT_OF_SPACE
-
-
-def naming(error: OSError, path: str | Path) -> OSError:
-    """`error` with `path` as its file name where it has none: writes through a file object raise
-    ENOSPC without one, and the one line a user gets must say which file did not fit."""
-    return error if error.filename is not None else OSError(error.errno, error.strerror, str(path))
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same folder and rename, so readers never see a partial file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if out_of_space(e):
-            raise naming(e, path) from None
-        raise
 
 
 def write_manifest(folder: str | Path, manifest: Manifest) -> Path:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import io
 import os
 import tarfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
-from data_shards.manifest import ShardInfo, naming, out_of_space, sha256_file
+from common.atomic import write_atomically
+from data_shards.manifest import ShardInfo, sha256_file
 
 T = TypeVar("T")
 
@@ -29,23 +30,8 @@ def write_dali_index(shard: Path) -> bool:
         with IndexCreator(str(shard), str(tmp), verbose=False) as creator:
             creator.create_index()
 
-    _write_atomically(shard.with_suffix(".idx"), shard_temp_files(shard)[1], index)
+    write_atomically(shard.with_suffix(".idx"), index, shard_temp_files(shard)[1])
     return True
-
-
-def _write_atomically(final: Path, tmp: Path, write: Callable[[Path], T]) -> T:
-    """`write(tmp)`, then rename tmp to `final`: a crash never leaves a partial file under the final
-    name. A full disk raises OSError(ENOSPC) naming `final`; the temp file is removed, so what it
-    had taken is free again."""
-    try:
-        result = write(tmp)
-        os.replace(tmp, final)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if out_of_space(e):
-            raise naming(e, final) from None
-        raise
-    return result
 
 
 def shard_temp_files(path: Path) -> list[Path]:
@@ -80,7 +66,7 @@ def write_shard(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]], dal
         _fsync(tmp)
         return count
 
-    count = _write_atomically(path, shard_temp_files(path)[0], tar)
+    count = write_atomically(path, tar, shard_temp_files(path)[0])
     if dali_index and count:  # DALI's indexer refuses an empty tar; a shard with nothing left is not used
         write_dali_index(path)
     return ShardInfo(path.name, count, sha256_file(path), path.stat().st_size)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -201,7 +201,7 @@ def evaluate_checkpoint(checkpoint: str | Path, shards: str | Path, n: int = 10_
 def cmd_eval_fid(args: argparse.Namespace) -> int:
     import json
 
-    from data_shards.manifest import atomic_write_bytes
+    from common.atomic import atomic_write_bytes
 
     result = evaluate_checkpoint(args.checkpoint, args.shards, args.n, weights=args.weights,
                                  cache_dir=args.cache_dir, batch_size=args.batch_size, seed=args.seed,
@@ -220,16 +220,15 @@ def cmd_eval_fid(args: argparse.Namespace) -> int:
 
 
 # --- the parsers ---------------------------------------------------------------------------------
-def register(sub: argparse._SubParsersAction, commands: Sequence[str] = ("sample", "eval")) -> None:
-    """Add the `sample` and `eval` parsers to `dcgan`'s sub-commands, in the order of `commands`
-    (the command line adds them one at a time, at their places in `dcgan --help`)."""
-    adders = {"sample": _add_sample, "eval": _add_eval}
-    for name in commands:
-        adders[name](sub)
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `dcgan sample` and `dcgan eval ...` to `dcgan`'s sub-commands."""
+    _add_sample(sub)
+    _add_eval(sub)
 
 
 def _add_sample(sub: argparse._SubParsersAction) -> None:
-    sample = sub.add_parser("sample", help="a grid of samples from a checkpoint's generator")
+    sample = sub.add_parser("sample", help="[grid|interpolate|arithmetic]: a grid of G's samples, latent walks, "
+                                           "or vector arithmetic on z, from a checkpoint")
     sample.add_argument("--checkpoint", required=True, help="a checkpoint folder or a run folder (newest)")
     sample.add_argument("--n", type=int, default=64)
     sample.add_argument("--nrow", type=int, default=None)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from sklearn.model_selection import StratifiedKFold
 from torch import nn
 
-from data_shards.manifest import atomic_write_bytes
+from common.atomic import atomic_write_bytes
 from evaluation.datasets import LabelledImages, load_fashion_mnist, load_mnist_split, to_model_range
 from evaluation.errors import EvalError
 

@@ -46,8 +46,9 @@ import scipy.linalg
 import torch
 import torch.nn.functional as F
 
+from common.atomic import atomic_write_bytes
 from data_shards.loader import ShardLoader
-from data_shards.manifest import MANIFEST_NAME, atomic_write_bytes, read_manifest, sha256_file
+from data_shards.manifest import MANIFEST_NAME, read_manifest, sha256_file
 from evaluation.errors import EvalError
 from evaluation.images import generate, to_uint8
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_shards.manifest import atomic_write_bytes
+from common.atomic import atomic_write_bytes
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

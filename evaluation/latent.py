@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from data_shards.manifest import atomic_write_bytes
+from common.atomic import atomic_write_bytes
 from evaluation.errors import EvalError
 from evaluation.images import generate, make_grid
 

@@ -13,12 +13,12 @@ import psutil
 import pytest
 from conftest import RAY_REDIRECTS, ROOT, child_env, run_dcgan, tiny_train_args
 
-from cluster.local_head import LocalRayHead
 from cluster.ray_launch import ClusterError, check_reachable
 from cluster.scaling import WorkerPlan, plan_workers, shortfall
+from cluster.testing.local_head import LocalRayHead
+from common.ports import free_port
 from trainer.checkpoint import list_checkpoints, read_meta
 from trainer.config import ClusterConfig, ConfigError
-from trainer.distributed import free_port
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # glog/absl ("E1201 22:45:43.174 ..."), Ray's C++ log ("[2026-12-01 22:34:42,035 E 6740 6779] core_worker.cc:...")

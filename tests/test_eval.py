@@ -35,6 +35,7 @@ from evaluation.fid import (
 )
 from evaluation.images import generate, make_grid, to_uint8
 from evaluation.latent import arithmetic_grid, interpolation, slerp, vector_arithmetic, walk_frames, walk_latents
+from trainer.checkpoint import COMPLETE_NAME
 from trainer.checkpoint_nets import load_discriminator, load_generator
 from trainer.config import Config, ModelConfig, to_toml
 from trainer.models import Discriminator, build_models, init_weights, sample_z
@@ -44,7 +45,7 @@ TINY = ModelConfig(resolution=32, channels=1, ngf=8, ndf=8)
 
 def write_checkpoint(run, generator, discriminator, cfg: Config, step: int = 5):
     """A checkpoint folder with what the loaders read: each net's DeepSpeed model-states file, trainer.json and
-    the rank file that marks it complete."""
+    the rank file, and the mark that says it is complete."""
     folder = run / "checkpoints" / f"step-{step:08d}"
     for tag, net in (("generator", generator), ("discriminator", discriminator)):
         (folder / tag).mkdir(parents=True)
@@ -52,6 +53,7 @@ def write_checkpoint(run, generator, discriminator, cfg: Config, step: int = 5):
     torch.save({}, folder / "rank-00000.pt")
     meta = {"step": step, "epoch": 0, "step_in_epoch": step, "world_size": 1, "config": cfg.to_dict()}
     (folder / "trainer.json").write_text(json.dumps(meta))
+    (folder / COMPLETE_NAME).touch()
     (run / "config.toml").write_text(to_toml(cfg))
     return folder
 

@@ -18,8 +18,8 @@ import pytest
 from conftest import ROOT, run_dcgan, tiny_train_args
 
 from cluster.monitor import find_prometheus
+from common.ports import free_port
 from trainer.config import MetricsConfig
-from trainer.distributed import free_port
 from trainer.telemetry import NoMetrics, RankMetrics, open_metrics
 
 DASHBOARD = ROOT / "cluster" / "monitoring" / "grafana" / "dashboards" / "dcgan-training.json"

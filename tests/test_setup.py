@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-from trainer.distributed import free_port
+from common.ports import free_port
 
 SCRIPT = ROOT / "install" / "torch_build.py"
 VERSION = torch.__version__.split("+")[0]

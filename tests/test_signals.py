@@ -20,7 +20,7 @@ import pytest
 from conftest import ROOT, tiny_train_args
 
 from cluster.monitor import find_prometheus
-from trainer.distributed import free_port
+from common.ports import free_port
 
 BOTH = [pytest.param(signal.SIGINT, id="SIGINT"), pytest.param(signal.SIGTERM, id="SIGTERM")]
 STOP_S = 60  # from the signal to `dcgan` having exited (torchrun alone gives its ranks 30 s)

@@ -126,14 +126,27 @@ def resolve_checkpoint(path: str | Path) -> Path:
         if found:
             check_checkpoint(found[-1])
             return found[-1]
-    raise CheckpointError(f"no complete checkpoint (a {PREFIX}* folder with {META_NAME} and every rank's file) "
-                          f"in {path}")
+    raise CheckpointError(f"no complete checkpoint (a {PREFIX}* folder marked {COMPLETE_NAME}, with {META_NAME} "
+                          f"and every rank's file) in {path}")
 
 
 def earlier_run_error(run_dir: str, newest: str) -> ConfigError:
     """Training into a folder that holds another run's checkpoints would mix the two."""
     return ConfigError(f"{run_dir} already holds checkpoints of an earlier run (newest: {newest}); continue it "
                        f"with --resume {run_dir} (or --resume auto), or set logging.run_dir to a new folder")
+
+
+def checkpoint_to_resume(resume: str | None, earlier: list[Path], run_dir: str) -> Path | None:
+    """Where a run starts: `--resume PATH` (checked), `--resume auto` (the newest of the run folder's
+    `earlier` checkpoints, if any), or nothing; without --resume, a run folder that holds `earlier`
+    checkpoints is refused rather than mixed with a new run."""
+    if resume == "auto":
+        return earlier[-1] if earlier else None
+    if resume:
+        return resolve_checkpoint(resume)
+    if earlier:
+        raise earlier_run_error(run_dir, earlier[-1].name)
+    return None
 
 
 def _is_count(value: Any) -> bool:

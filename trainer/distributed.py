@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -11,6 +10,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from common.ports import free_port
 
 
 @dataclass(frozen=True)
@@ -23,12 +24,6 @@ class DistContext:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 STALE_BUILD_LOCK_S = 600.0  # DeepSpeed's JIT op builds here take ~35 s

@@ -23,6 +23,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from common.atomic import atomic_write_bytes
 from trainer.config import MetricsConfig
 
 PORT_ATTEMPTS = 100
@@ -117,9 +118,7 @@ class RankMetrics:
     def _announce(self) -> None:
         entry = [{"targets": [f"{self.host}:{self.port}"], "labels": {"job": "dcgan", **self.labels}}]
         self.targets_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.targets_file.with_name(f".{self.targets_file.name}.tmp")
-        tmp.write_text(json.dumps(entry))
-        os.replace(tmp, self.targets_file)  # Prometheus never reads a half-written file
+        atomic_write_bytes(self.targets_file, json.dumps(entry).encode())  # Prometheus never reads half a file
 
     def close(self) -> None:
         self.targets_file.unlink(missing_ok=True)

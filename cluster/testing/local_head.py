@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psutil
 
-from trainer.distributed import free_port
+from common.ports import free_port
 
 RAY = Path(sys.executable).parent / "ray"
 
