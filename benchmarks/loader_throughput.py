@@ -112,6 +112,39 @@ def default_step_rate() -> float | None:
         return None
 
 
+def encoding_rows(args: argparse.Namespace, source: Path, encoding: str, streaming: list[str], device: str
+                  ) -> list[dict]:
+    """The shard set stored as `encoding` (converted on first use), read by each loader."""
+    rows = []
+    shards = args.work / f"shards-{args.images}-{encoding}"
+    if not (shards / "manifest.json").is_file():
+        subprocess.run([sys.executable, "-m", "cluster.cli", "data", "convert", "--source", "lsun", "--input",
+                        str(source), "--out", str(shards), "--resolution", "64", "--encoding", encoding,
+                        "--shard-size", str(max(1, min(5000, args.images // (2 * args.workers)))), "--quiet"],
+                       cwd=ROOT, check=True)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    size = sum(s["bytes"] for s in manifest["shards"]) / manifest["total"]
+    common = dict(rank=0, world_size=1, batch_size=args.batch, seed=0, channels=3, resolution=64,
+                  num_workers=args.workers, shuffle_buffer=5000, device=device)
+    for kind in streaming:
+        loader = open_loader(kind, shards, **common)
+        rate, seconds, delivered = measure(loader.batches(0), manifest["total"])
+        rows.append({"method": f"{kind} loader, shards at 64x64", "encoding": encoding, "delivers": delivered,
+                     "bytes_per_image": size, "img_per_s": rate, "seconds": seconds})
+        del loader
+    start = time.perf_counter()
+    loader = open_loader("device", shards, **common)
+    seconds = time.perf_counter() - start
+    rows.append({"method": "device loader: read + decode once (setup)", "encoding": encoding,
+                 "delivers": "held uint8 N x H x W x C", "bytes_per_image": size,
+                 "img_per_s": len(loader.labels) / seconds, "seconds": seconds})
+    rate, seconds, delivered = measure_epochs(loader)
+    rows.append({"method": "device loader: batches() from memory", "encoding": encoding, "delivers": delivered,
+                 "bytes_per_image": 64 * 64 * 3, "img_per_s": rate, "seconds": seconds})
+    del loader
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=10_000)
@@ -145,32 +178,7 @@ def main() -> None:
                  "delivers": kind, "bytes_per_image": (source / "data.mdb").stat().st_size / len(dataset),
                  "img_per_s": baseline, "seconds": seconds})
     for encoding in ("png", "jpeg", "raw"):
-        shards = args.work / f"shards-{args.images}-{encoding}"
-        if not (shards / "manifest.json").is_file():
-            subprocess.run([sys.executable, "-m", "cluster.cli", "data", "convert", "--source", "lsun", "--input",
-                            str(source), "--out", str(shards), "--resolution", "64", "--encoding", encoding,
-                            "--shard-size", str(max(1, min(5000, args.images // (2 * args.workers)))), "--quiet"],
-                           cwd=ROOT, check=True)
-        manifest = json.loads((shards / "manifest.json").read_text())
-        size = sum(s["bytes"] for s in manifest["shards"]) / manifest["total"]
-        common = dict(rank=0, world_size=1, batch_size=args.batch, seed=0, channels=3, resolution=64,
-                      num_workers=args.workers, shuffle_buffer=5000, device=device)
-        for kind in streaming:
-            loader = open_loader(kind, shards, **common)
-            rate, seconds, delivered = measure(loader.batches(0), manifest["total"])
-            rows.append({"method": f"{kind} loader, shards at 64x64", "encoding": encoding, "delivers": delivered,
-                         "bytes_per_image": size, "img_per_s": rate, "seconds": seconds})
-            del loader
-        start = time.perf_counter()
-        loader = open_loader("device", shards, **common)
-        seconds = time.perf_counter() - start
-        rows.append({"method": "device loader: read + decode once (setup)", "encoding": encoding,
-                     "delivers": "held uint8 N x H x W x C", "bytes_per_image": size,
-                     "img_per_s": len(loader.labels) / seconds, "seconds": seconds})
-        rate, seconds, delivered = measure_epochs(loader)
-        rows.append({"method": "device loader: batches() from memory", "encoding": encoding, "delivers": delivered,
-                     "bytes_per_image": 64 * 64 * 3, "img_per_s": rate, "seconds": seconds})
-        del loader
+        rows += encoding_rows(args, source, encoding, streaming, device)
     columns = [("method", "method", "<42"), ("stored as", "encoding", "<10"), ("delivers", "delivers", "<24"),
                ("bytes/img", "bytes_per_image", ".0f"), ("s", "seconds", ".2f"), ("img/s", "img_per_s", ".0f"),
                ("vs LMDB", "vs_lmdb", ".1f")]

@@ -104,6 +104,56 @@ LABELS = {"plain": "plain PyTorch", "eager": "dcgan-scale", "compiled": "dcgan-s
           "fused": "dcgan-scale fused kernels"}
 
 
+def build_arms(cfg: Config, ctx, methods: list[str], precisions: list[str]
+               ) -> dict[tuple[str, str], Callable[[torch.Tensor], None]]:
+    """One step function per (method, precision)."""
+    dtypes = {"fp32": None, "bf16": torch.bfloat16}
+    arms: dict[tuple[str, str], Callable[[torch.Tensor], None]] = {}
+    for precision in precisions:
+        for method in methods:
+            if method == "plain":
+                arms[method, precision] = plain_pytorch_step(cfg, dtypes[precision], ctx.device)
+            else:
+                arms[method, precision] = our_step(cfg, ctx, precision, fused=method == "fused",
+                                                   compiled=method == "compiled")
+    return arms
+
+
+def time_arms(arms: dict[tuple[str, str], Callable[[torch.Tensor], None]], images: torch.Tensor,
+              real: torch.Tensor, rounds: int, steps: int, device: torch.device) -> dict[tuple[str, str], list[float]]:
+    """Seconds per step of each arm, per round; the arms take turns, so noise hits them alike."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for (method, _), fn in arms.items():  # warm-up: allocator, kernel choice, compilation
+        for _ in range(3 if method == "compiled" else 1):
+            fn(real if method == "plain" else images)
+    seconds: dict[tuple[str, str], list[float]] = {key: [] for key in arms}
+    for _ in range(rounds):
+        for (method, precision), fn in arms.items():
+            batch = real if method == "plain" else images
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                fn(batch)
+            sync()
+            seconds[method, precision].append((time.perf_counter() - t0) / steps)
+    return seconds
+
+
+def summarise(seconds: dict[tuple[str, str], list[float]], batch: int, flops: float) -> list[dict]:
+    rows = []
+    for (method, precision), times in seconds.items():
+        per_step = statistics.median(times)
+        plain = seconds.get(("plain", precision))
+        rows.append({"method": method, "precision": precision, "label": f"{LABELS[method]} {precision}",
+                     "batch": batch, "img_per_s": batch / per_step, "ms_per_step": 1000 * per_step,
+                     "vs_plain": statistics.median(plain) / per_step if plain else float("nan"),
+                     "tflops": flops / per_step / 1e12})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--resolution", type=int, default=64)
@@ -124,49 +174,15 @@ def main() -> None:
     cfg.model.ngf = cfg.model.ndf = args.width
     cfg.optim.batch_size = args.batch
     methods = [m for m in args.methods.split(",") if m != "fused" or ctx.device.type == "cuda"]
-    precisions = args.precisions.split(",")
-    dtypes = {"fp32": None, "bf16": torch.bfloat16}
-    arms: dict[tuple[str, str], Callable[[torch.Tensor], None]] = {}
-    for precision in precisions:
-        for method in methods:
-            if method == "plain":
-                arms[method, precision] = plain_pytorch_step(cfg, dtypes[precision], ctx.device)
-            else:
-                arms[method, precision] = our_step(cfg, ctx, precision, fused=method == "fused",
-                                                   compiled=method == "compiled")
+    arms = build_arms(cfg, ctx, methods, args.precisions.split(","))
     # the plain loop reads float NCHW in [-1, 1], as pytorch/examples' loader hands it; ours reads
     # the loaders' uint8 NHWC bytes and converts them inside the step (counted against us)
     images = torch.randint(0, 256, (args.batch, args.resolution, args.resolution, args.channels),
                            dtype=torch.uint8, device=ctx.device)
     real = images.permute(0, 3, 1, 2).float().div(127.5).sub(1).contiguous()
     flops = step_flops(cfg, ctx.device, real)
-
-    def sync():
-        if ctx.device.type == "cuda":
-            torch.cuda.synchronize()
-
-    for (method, _), fn in arms.items():  # warm-up: allocator, kernel choice, compilation
-        for _ in range(3 if method == "compiled" else 1):
-            fn(real if method == "plain" else images)
-    seconds: dict[tuple[str, str], list[float]] = {key: [] for key in arms}
-    for _ in range(args.rounds):
-        for (method, precision), fn in arms.items():
-            batch = real if method == "plain" else images
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                fn(batch)
-            sync()
-            seconds[method, precision].append((time.perf_counter() - t0) / args.steps)
-
-    rows = []
-    for (method, precision), times in seconds.items():
-        per_step = statistics.median(times)
-        plain = seconds.get(("plain", precision))
-        rows.append({"method": method, "precision": precision, "label": f"{LABELS[method]} {precision}",
-                     "batch": args.batch, "img_per_s": args.batch / per_step, "ms_per_step": 1000 * per_step,
-                     "vs_plain": statistics.median(plain) / per_step if plain else float("nan"),
-                     "tflops": flops / per_step / 1e12})
+    seconds = time_arms(arms, images, real, args.rounds, args.steps, ctx.device)
+    rows = summarise(seconds, args.batch, flops)
     print_table(f"{args.resolution}x{args.resolution}x{args.channels}, ngf=ndf={args.width}, batch {args.batch}, "
                 f"{torch.get_num_threads()} threads, {ctx.device}, {flops / 1e9:.2f} GFLOP/step, "
                 f"median of {args.rounds} rounds of {args.steps} steps",

@@ -247,6 +247,10 @@ class CheckpointStore:
         self.ctx, self.config = ctx, config
         self.last_saved_step: int | None = None
 
+    def due(self, step: int) -> bool:
+        """Whether the loop saves after `step`: every checkpoint.every_steps steps."""
+        return step % self.config["checkpoint"]["every_steps"] == 0
+
     def save(self, state: TrainState, engines: GanEngines, rank_state: dict[str, Any]) -> Path | None:
         raise NotImplementedError
 

@@ -20,6 +20,7 @@ from trainer.engines import GanEngines, build_engines
 from trainer.metrics import MetricsLog, StepMeter
 from trainer.models import build_models, fused_kernels_unavailable, sample_z
 from trainer.precision import Precision, choose_precision, probe_hardware
+from trainer.rank_state import RankState
 from trainer.step import GanStep, NonFiniteLoss
 from trainer.telemetry import NoMetrics, open_metrics
 
@@ -52,15 +53,16 @@ class Trainer:
             for sub in ("samples", "checkpoints"):
                 (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.toml").write_text(to_toml(cfg))
+        self.rank_batch = cfg.optim.batch_size // self.ctx.world_size
         self.loader = open_loader(
             cfg.data.loader, cfg.data.shards, rank=self.ctx.rank, world_size=self.ctx.world_size,
-            batch_size=cfg.optim.batch_size // self.ctx.world_size, seed=cfg.optim.seed,
+            batch_size=self.rank_batch, seed=cfg.optim.seed,
             channels=cfg.model.channels, resolution=cfg.model.resolution,
             num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer, device=self.ctx.device,
             device_memory_gib=cfg.data.device_memory_gib)
         if self.loader.steps_per_epoch(0) == 0:
             raise ShardSetError(f"{cfg.data.shards} holds {self.loader.manifest.total} samples: fewer than one "
-                                f"batch of {cfg.optim.batch_size // self.ctx.world_size} per rank")
+                                f"batch of {self.rank_batch} per rank")
         generator, discriminator = build_models(cfg.model, cfg.optim.seed)
         if reason := fused_kernels_unavailable(cfg.model, self.ctx.device, cfg.precision.zero_stage):
             generator.fused_kernels = False
@@ -74,6 +76,7 @@ class Trainer:
             compile_step(self.engines, self.ctx.device)
         # on the training device: z costs no host work and no copy
         self.noise = torch.Generator(self.ctx.device).manual_seed(cfg.optim.seed * 100_003 + 1 + self.ctx.rank)
+        self.rank_state = RankState(self.noise, self.engines)
         self.fixed_z = sample_z(64, cfg.model, torch.Generator().manual_seed(cfg.optim.seed), self.ctx.device)
         self.checkpointer = checkpointer or Checkpointer(self.run_dir / "checkpoints", self.ctx,
                                                          cfg.checkpoint.keep_last, cfg.to_dict())
@@ -98,32 +101,17 @@ class Trainer:
             return self.cfg.optim.max_steps
         return sum(self.loader.steps_per_epoch(e) for e in range(self.cfg.optim.epochs))
 
-    # --- state that is not in the engines: RNGs and loss scalers ----------------------------------
-    def _rank_state(self) -> dict:
-        scalers = {tag: e.torch_autocast_z0_gradscaler.state_dict()
-                   for tag, e in self.engines.items() if getattr(e, "torch_autocast_z0_gradscaler", None)}
-        state = {"noise_rng": self.noise.get_state(), "torch_rng": torch.get_rng_state(), "grad_scalers": scalers}
-        if torch.cuda.is_available():
-            state["cuda_rng"] = torch.cuda.get_rng_state()
-        return state
-
     def resume(self, path: str | Path) -> None:
         self.state, rank_state = self.checkpointer.load(path, self.engines)
         self.state.restarts += 1
-        self.noise.set_state(rank_state["noise_rng"])
-        torch.set_rng_state(rank_state["torch_rng"])
-        if "cuda_rng" in rank_state and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rank_state["cuda_rng"])
-        for tag, engine in self.engines.items():
-            if tag in rank_state["grad_scalers"]:
-                engine.torch_autocast_z0_gradscaler.load_state_dict(rank_state["grad_scalers"][tag])
+        self.rank_state.load_state_dict(rank_state)
 
     def save_checkpoint(self) -> None:
         self.step_fn.raise_if_nonfinite()  # a bad step never reaches a checkpoint
         if self.checkpointer.last_saved_step != self.state.step:
             started = time.perf_counter()
             self._sync_batchnorm()
-            self.checkpointer.save(self.state, self.engines, self._rank_state())
+            self.checkpointer.save(self.state, self.engines, self.rank_state.state_dict())
             self.metrics.on_checkpoint(time.perf_counter() - started)
 
     def save_samples(self) -> None:
@@ -146,39 +134,38 @@ class Trainer:
         for _, engine in self.engines.items():
             average_batchnorm_stats(engine.module)
 
-    def _optimiser_state(self) -> tuple[dict[str, float], dict[str, float]]:
-        """Learning rate and loss scale per net ("g", "d"); the scale is 1 without fp16."""
-        lrs, scales = {}, {}
-        for tag, engine in self.engines.items():
-            lrs[tag[0]] = float(engine.get_lr()[0])
-            scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
-            scales[tag[0]] = float(scaler.get_scale()) if scaler is not None else 1.0
-        return lrs, scales
-
-    def _after_step(self, stats: dict | None, waited: float, meter: StepMeter, log: MetricsLog) -> None:
-        cfg, step = self.cfg, self.state.step
+    def _count(self, stats: dict | None, waited: float, meter: StepMeter, log: MetricsLog) -> None:
         log.step()
         if stats is None:
             self.state.skipped_steps += 1
             self.metrics.on_skipped_step()
-            log.message(f"step {step}: non-finite loss, step skipped")
+            log.message(f"step {self.state.step}: non-finite loss, step skipped")
         else:
-            meter.add(stats, cfg.optim.batch_size, waited)
-        if cfg.eval.fid_every and step % cfg.eval.fid_every == 0:
+            meter.add(stats, self.cfg.optim.batch_size, waited)
+
+    def _log_window(self, meter: StepMeter, log: MetricsLog) -> None:
+        self.step_fn.raise_if_nonfinite()  # the window's one read of the device, with the statistics
+        state, summary = self.state, meter.summary()
+        log.write({"step": state.step, "epoch": state.epoch, "time": time.time(), "precision": self.precision.name,
+                   **summary, "skipped_samples": self.loader.skipped, **self.pending_quality})
+        self.pending_quality = {}
+        lrs = {tag[0]: float(engine.get_lr()[0]) for tag, engine in self.engines.items()}
+        self.metrics.on_window(summary, state.step, state.epoch, state.restarts, self.loader.skipped, lrs,
+                               self.rank_state.loss_scales())
+        meter.reset()
+
+    def _every(self, steps: int) -> bool:
+        return bool(steps) and self.state.step % steps == 0
+
+    def _after_step(self, stats: dict | None, waited: float, meter: StepMeter, log: MetricsLog) -> None:
+        self._count(stats, waited, meter, log)
+        if self._every(self.cfg.eval.fid_every):
             self.measure_quality(log)
-        if step % cfg.logging.log_every == 0 and meter.steps:
-            self.step_fn.raise_if_nonfinite()  # the window's one read of the device, with the statistics
-            summary = meter.summary()
-            log.write({"step": step, "epoch": self.state.epoch, "time": time.time(), "precision": self.precision.name,
-                       **summary,
-                       "skipped_samples": self.loader.skipped, **self.pending_quality})
-            self.pending_quality = {}
-            self.metrics.on_window(summary, step, self.state.epoch, self.state.restarts, self.loader.skipped,
-                                   *self._optimiser_state())
-            meter.reset()
-        if step % cfg.logging.sample_every == 0:
+        if self._every(self.cfg.logging.log_every) and meter.steps:
+            self._log_window(meter, log)
+        if self._every(self.cfg.logging.sample_every):
             self.save_samples()
-        if step % cfg.checkpoint.every_steps == 0:
+        if self.checkpointer.due(self.state.step):
             self.save_checkpoint()
         for hook in self.step_hooks:
             hook(self)
@@ -186,7 +173,6 @@ class Trainer:
     # --- the loop ----------------------------------------------------------------------------------
     def fit(self) -> TrainState:
         cfg, state, total = self.cfg, self.state, self.total_steps
-        rank_batch = cfg.optim.batch_size // self.ctx.world_size
         log = MetricsLog(self.run_dir / "metrics.jsonl", total, state.step, self.ctx.is_main, cfg.logging.progress)
         self.metrics = open_metrics(cfg.metrics, self.run_dir.name, self.ctx.rank, self.ctx.local_rank, self.run_dir)
         meter = StepMeter()
@@ -200,7 +186,7 @@ class Trainer:
                     stats = self.step_fn(images, state.step + 1)
                     state.step += 1
                     state.step_in_epoch += 1
-                    self.metrics.on_step(rank_batch, time.perf_counter() - started, started - ready)
+                    self.metrics.on_step(self.rank_batch, time.perf_counter() - started, started - ready)
                     self._after_step(stats, started - ready, meter, log)
                     if state.step >= total:
                         break

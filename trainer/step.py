@@ -15,10 +15,15 @@ from trainer.distributed import DistContext, all_ranks_agree
 from trainer.engines import GanEngines
 from trainer.models import sample_z
 from trainer.precision import Precision
+from trainer.rank_state import loss_scaler
 
 
 class NonFiniteLoss(FloatingPointError):
     pass
+
+
+class _Skipped(Exception):
+    """A non-finite loss under checkpoint.on_nonfinite = "skip": the step is dropped."""
 
 
 @contextlib.contextmanager
@@ -44,7 +49,7 @@ def grad_norm_before_step(engine: torch.nn.Module) -> torch.Tensor | None:
     if engine.zero_optimization_stage() > 0:
         return None
     norm = torch.nn.utils.get_total_norm([p.grad for p in engine.module.parameters() if p.grad is not None])
-    scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
+    scaler = loss_scaler(engine)
     # the scale as a tensor: GradScaler.get_scale() reads it to the host, a device sync per step
     return norm / scaler._get_scale_async() if scaler is not None else norm
 
@@ -115,35 +120,35 @@ class GanStep:
         # "skip" must decide now whether to step the optimiser: one host sync (and all-reduce) per loss
         return all_ranks_agree(bool(torch.isfinite(loss)), self.ctx.device)
 
+    def _update(self, engine: torch.nn.Module, name: str, loss: torch.Tensor, step: int) -> torch.Tensor:
+        """Finite check, backward, optimiser step; returns the gradient norm (unscaled, on the device)."""
+        if not self._finite(name, loss, step):
+            raise _Skipped
+        engine.backward(loss)
+        norm = grad_norm_before_step(engine)
+        engine.step()
+        return grad_norm_after_step(engine, norm).to(loss.device)
+
     def __call__(self, images: torch.Tensor, step: int) -> dict[str, torch.Tensor] | None:
         """One step on a loader's batch (uint8 N x H x W x C on the device). Returns the step's
         statistics, or None if it was skipped for a non-finite loss."""
         real = to_model_input(images, self.input_dtype)
-        z = sample_z(real.shape[0], self.model, self.noise, self.ctx.device)
-        fake = self.G(z)
+        fake = self.G(sample_z(real.shape[0], self.model, self.noise, self.ctx.device))
+        try:
+            d_real, d_fake = self.D(real), self.D(fake.detach())
+            loss_d = bce(d_real, 1.0) + bce(d_fake, 0.0)
+            norm_d = self._update(self.D, "loss_d", loss_d, step)
 
-        d_real, d_fake = self.D(real), self.D(fake.detach())
-        loss_d = bce(d_real, 1.0) + bce(d_fake, 0.0)
-        if not self._finite("loss_d", loss_d, step):
+            with frozen(self.D.module), self.precision.autocast():
+                d_fake_for_g = self.D.module(fake)  # the module, not the engine: its backward belongs to G
+            loss_g = bce(d_fake_for_g, 1.0)  # non-saturating: maximise log D(G(z))
+            norm_g = self._update(self.G, "loss_g", loss_g, step)
+        except _Skipped:
             return None
-        self.D.backward(loss_d)
-        norm_d = grad_norm_before_step(self.D)
-        self.D.step()
-
-        with frozen(self.D.module), self.precision.autocast():
-            d_fake_for_g = self.D.module(fake)  # the module, not the engine: its backward belongs to G
-        loss_g = bce(d_fake_for_g, 1.0)  # non-saturating: maximise log D(G(z))
-        if not self._finite("loss_g", loss_g, step):
-            return None
-        self.G.backward(loss_g)
-        norm_g = grad_norm_before_step(self.G)
-        self.G.step()
-
         return {
             "loss_d": loss_d.detach(), "loss_g": loss_g.detach(),
             "d_real": torch.sigmoid(d_real.detach().float()).mean(),
             "d_fake": torch.sigmoid(d_fake.detach().float()).mean(),
             "d_fake_after": torch.sigmoid(d_fake_for_g.detach().float()).mean(),
-            "grad_norm_d": grad_norm_after_step(self.D, norm_d).to(loss_d.device),
-            "grad_norm_g": grad_norm_after_step(self.G, norm_g).to(loss_d.device),
+            "grad_norm_d": norm_d, "grad_norm_g": norm_g,
         }
