@@ -94,6 +94,7 @@ $(SHARDS)/manifest.json: $(VENV)/.core $(FASHION_MNIST)
 bench: setup  ## every benchmark; each prints a table and writes benchmarks/results/*.json
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/convert_throughput.py
+	$(BIN)/python benchmarks/dedup_scale.py
 	$(BIN)/python benchmarks/loader_throughput.py
 	$(BIN)/python benchmarks/ray_overhead.py
 	$(BIN)/python benchmarks/metrics_overhead.py

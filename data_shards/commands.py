@@ -38,7 +38,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_dedup(args: argparse.Namespace) -> int:
-    from data_shards.dedup import DedupOptions, find_near_duplicates, write_duplicate_list
+    from data_shards.dedup import EXACT_LIMIT, WINDOW, DedupOptions, find_near_duplicates, write_duplicate_list
     from data_shards.sources import open_source
 
     source = open_source(args.source, args.input)
@@ -46,7 +46,12 @@ def cmd_dedup(args: argparse.Namespace) -> int:
                         max_hamming=args.max_hamming, max_cosine=args.max_cosine, workers=args.workers)
     duplicates = find_near_duplicates(source, opts)
     write_duplicate_list(args.out, duplicates, source, opts)
+    search = duplicates.search
     print(f"{args.out}: {len(duplicates)} near-duplicates; pass it to `dcgan data convert --skip-keys`")
+    print(f"search: {search.pairs_compared:,} pairs compared, largest bucket {search.largest_bucket:,}"
+          + (f"; {search.windowed_buckets} bucket(s) over {EXACT_LIMIT:,} ({search.windowed_members:,} members) "
+             f"compared each member with its {WINDOW} nearest by hash, not with all" if search.windowed_buckets
+             else "; every bucket searched in full"))
     return 0
 
 

@@ -6,7 +6,8 @@ activations, thresholded at each unit's median over the training sample, form a 
 of the image. Images are bucketed by bands of the hash (any of `bands` equal 128/bands-bit
 slices makes two images candidates, which keeps near-duplicates whose hash differs in a few
 bits together) and a candidate pair counts as a duplicate when its full hashes differ in at
-most `max_hamming` bits. Bucketing keeps the pass linear in the number of images. Of each
+most `max_hamming` bits. Bucketing keeps the pass linear in the number of images, and each
+bucket is searched in fixed-size blocks, so memory does not grow with a bucket's size. Of each
 group of duplicates, the first key in source order is kept; the others are listed, with the
 key they duplicate, for `dcgan data convert --skip-keys`.
 
@@ -16,11 +17,12 @@ not decode are left out of the search and listed with their reason (`skipped` in
 
 from __future__ import annotations
 
+import itertools
 import json
 import multiprocessing
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -150,51 +152,158 @@ def _hash_range(job: tuple[str, int]) -> tuple[list[str], np.ndarray, np.ndarray
     return (keys, *hash_codes(_WORKER["model"], _WORKER["thresholds"], np.stack(crops)), skipped)
 
 
+# Popcount of every byte value: Hamming distances straight from the packed hashes (16 bytes an image)
+_POPCOUNT = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(axis=1).astype(np.uint8)
+BLOCK = 1024  # rows x columns compared at once: ~20 MB of temporaries, whatever the bucket size
+EXACT_LIMIT = 20_000  # members a bucket may have for all its pairs to be compared (~2e8 pairs)
+WINDOW = 256  # a larger bucket: each member against the next WINDOW in the order of its full hash
+
+
+@dataclass
+class SearchStats:
+    """What the pair search did: the largest bucket, and the buckets searched by sorted neighbours."""
+
+    largest_bucket: int = 0
+    windowed_buckets: int = 0
+    windowed_members: int = 0
+    pairs_compared: int = 0  # in buckets over SMALL members; the small ones cost one pass per offset
+    pairs_found: int = 0
+
+
+def _band_ids(hashes: np.ndarray, band: int, bands: int) -> np.ndarray:
+    width = hashes.shape[1] * 8 // bands
+    bits = np.unpackbits(hashes, axis=1)[:, band * width:(band + 1) * width]
+    packed = np.ascontiguousarray(np.packbits(bits, axis=1))
+    return packed.view(np.dtype((np.void, packed.shape[1]))).ravel()
+
+
+SMALL = 64  # buckets up to this size are searched together, by offset in the sorted order
+CHUNK = 1 << 16  # pairs compared at once in that search
+
+
+def _close_pairs(a: np.ndarray, b: np.ndarray, hashes: np.ndarray, codes: np.ndarray, opts: DedupOptions
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs (a[i], b[i]) within max_hamming bits and max_cosine cosine distance."""
+    keep = np.zeros(len(a), dtype=bool)
+    for i in range(0, len(a), CHUNK):
+        x, y = a[i:i + CHUNK], b[i:i + CHUNK]
+        close = _POPCOUNT[hashes[x] ^ hashes[y]].sum(axis=1, dtype=np.uint16) <= opts.max_hamming
+        dot = np.einsum("ij,ij->i", codes[x].astype(np.float32), codes[y].astype(np.float32))
+        keep[i:i + CHUNK] = close & (1 - dot <= opts.max_cosine)
+    return a[keep], b[keep]
+
+
+def _small_bucket_pairs(order: np.ndarray, sorted_ids: np.ndarray, sizes: np.ndarray, hashes: np.ndarray,
+                        codes: np.ndarray, opts: DedupOptions) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Every pair inside the buckets of at most SMALL members, all buckets at once: the members of a
+    bucket are neighbours in the sorted order, so its pairs are the positions d = 1, 2, ... apart
+    that still share the bucket (a Python loop per bucket would cost more than the comparisons)."""
+    small = np.repeat(sizes <= SMALL, sizes)
+    for d in range(1, SMALL):
+        k = np.flatnonzero((sorted_ids[d:] == sorted_ids[:-d]) & small[:-d])
+        if not len(k):
+            return
+        yield _close_pairs(order[k], order[k + d], hashes, codes, opts)
+
+
+def _close(rows: np.ndarray, cols: np.ndarray, hashes: np.ndarray, codes: np.ndarray, opts: DedupOptions
+           ) -> np.ndarray:
+    """rows x cols: within max_hamming bits and max_cosine cosine distance."""
+    hamming = _POPCOUNT[hashes[rows][:, None, :] ^ hashes[cols][None, :, :]].sum(axis=2, dtype=np.uint16)
+    close = hamming <= opts.max_hamming
+    close &= 1 - codes[rows].astype(np.float32) @ codes[cols].astype(np.float32).T <= opts.max_cosine
+    return close
+
+
+def _bucket_pairs(members: np.ndarray, hashes: np.ndarray, codes: np.ndarray, opts: DedupOptions,
+                  stats: SearchStats) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Close pairs within one bucket, in blocks of BLOCK x BLOCK, so memory stays flat for any size.
+
+    Up to EXACT_LIMIT members every pair is compared. A larger bucket (a degenerate band: blank or
+    near-constant images, whose learned bits agree) would cost its size squared; its members are
+    sorted by their full hash, whose leading bits they then share with their neighbours, and each
+    is compared with the next WINDOW: a near-duplicate differs from its original in a few bits and
+    lands next to it or within the window. Such buckets are counted and reported, never skipped."""
+    m = len(members)
+    stats.largest_bucket = max(stats.largest_bucket, m)
+    if m <= EXACT_LIMIT:
+        for i in range(0, m, BLOCK):
+            for j in range(i, m, BLOCK):
+                rows, cols = members[i:i + BLOCK], members[j:j + BLOCK]
+                stats.pairs_compared += len(rows) * len(cols)
+                close = _close(rows, cols, hashes, codes, opts)
+                a, b = np.nonzero(np.triu(close, k=1) if i == j else close)
+                yield rows[a], cols[b]
+        return
+    stats.windowed_buckets += 1
+    stats.windowed_members += m
+    ordered = members[np.lexsort(hashes[members].T[::-1])]
+    for i in range(0, m, BLOCK):
+        rows, cols = ordered[i:i + BLOCK], ordered[i:i + BLOCK + WINDOW]
+        stats.pairs_compared += len(rows) * len(cols)
+        ahead = np.arange(len(cols))[None, :] - np.arange(len(rows))[:, None]  # cols start with rows
+        a, b = np.nonzero(_close(rows, cols, hashes, codes, opts) & (ahead > 0) & (ahead <= WINDOW))
+        yield rows[a], cols[b]
+
+
 def group_duplicates(keys: list[str], hashes: np.ndarray, codes: np.ndarray, opts: DedupOptions,
-                     max_bucket: int = 20_000) -> dict[str, str]:
+                     stats: SearchStats | None = None) -> dict[str, str]:
     """duplicate key -> the key it duplicates (the first of its group in `keys` order).
 
     Two hashes that differ in d bits share at least one band whenever d < bands, and often for
-    larger d; within a bucket all pairs are compared: a pair is a duplicate when its hashes
-    differ in at most `max_hamming` bits and its real-valued codes are within `max_cosine`
-    cosine distance (the binarised code alone lets too many distinct images through). A bucket
-    of more than `max_bucket` hashes (a degenerate band, e.g. blank images) is not searched."""
-    bands, max_hamming = opts.bands, opts.max_hamming
+    larger d; a pair in a band bucket is a duplicate when its hashes differ in at most
+    `max_hamming` bits and its real-valued codes are within `max_cosine` cosine distance (the
+    binarised code alone lets too many distinct images through). Buckets are searched in blocks
+    (`_bucket_pairs`); `stats` receives what the search did."""
+    stats = stats if stats is not None else SearchStats()
     parent = np.arange(len(keys))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    bits = np.unpackbits(hashes, axis=1)
-    width = bits.shape[1] // bands
-    for band in range(bands):
-        band_keys = np.packbits(bits[:, band * width:(band + 1) * width], axis=1)
-        band_ids = band_keys.view(np.dtype((np.void, band_keys.shape[1]))).ravel()
+    for band in range(opts.bands):
+        band_ids = _band_ids(hashes, band, opts.bands)
         order = np.argsort(band_ids, kind="stable")
         boundaries = np.flatnonzero(band_ids[order][1:] != band_ids[order][:-1]) + 1
-        for members in np.split(order, boundaries):
-            if len(members) < 2 or len(members) > max_bucket:
-                continue
-            hamming = np.count_nonzero(bits[members][:, None, :] != bits[members][None, :, :], axis=2)
-            unit = codes[members].astype(np.float32)
-            close = (hamming <= max_hamming) & (1 - unit @ unit.T <= opts.max_cosine)
-            for a, b in zip(*np.nonzero(np.triu(close, k=1)), strict=True):
-                ra, rb = find(members[a]), find(members[b])
-                if ra != rb:
-                    parent[max(ra, rb)] = min(ra, rb)
-    return {keys[i]: keys[find(i)] for i in range(len(keys)) if find(i) != i}
+        sizes = np.diff(np.concatenate([[0], boundaries, [len(order)]]))
+        stats.largest_bucket = max(stats.largest_bucket, int(sizes.max(initial=0)))
+        large = [members for members in np.split(order, boundaries) if len(members) > SMALL]
+        searches = itertools.chain(_small_bucket_pairs(order, band_ids[order], sizes, hashes, codes, opts),
+                                   *(_bucket_pairs(members, hashes, codes, opts, stats) for members in large))
+        for a, b in searches:
+            stats.pairs_found += len(a)
+            _union(parent, a, b)
+    roots = _roots(parent, np.arange(len(keys)))
+    return {keys[i]: keys[root] for i, root in enumerate(roots.tolist()) if root != i}
+
+
+def _roots(parent: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The root of each of `x` (pointer jumping), with the path compressed on the way."""
+    start = x
+    while True:
+        up = parent[x]
+        if np.array_equal(up, x):
+            parent[start] = x
+            return x
+        x = up
+
+
+def _union(parent: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+    """Join the groups of each pair (a[i], b[i]), all pairs at once; a group's root is its smallest
+    index, the key that comes first and is kept. Vectorised: a dense bucket (blank frames) gives
+    millions of pairs, which a Python loop would take minutes over."""
+    while len(a):
+        ra, rb = _roots(parent, a), _roots(parent, b)
+        apart = ra != rb
+        lo, hi = np.minimum(ra, rb)[apart], np.maximum(ra, rb)[apart]
+        np.minimum.at(parent, hi, lo)
+        a, b = lo, hi  # two pairs may have pointed one root at two others: check until all are joined
 
 
 class NearDuplicates(dict[str, str]):
     """duplicate key -> the key it duplicates, and `skipped`: key -> reason for each item that did
     not decode (left out of the search; conversion skips it again with the same reason)."""
 
-    def __init__(self, duplicates: dict[str, str], skipped: dict[str, str]):
+    def __init__(self, duplicates: dict[str, str], skipped: dict[str, str], search: SearchStats | None = None):
         super().__init__(duplicates)
         self.skipped = skipped
+        self.search = search or SearchStats()
 
 
 def find_near_duplicates(source: Source, opts: DedupOptions, progress: bool = False) -> NearDuplicates:
@@ -216,11 +325,12 @@ def find_near_duplicates(source: Source, opts: DedupOptions, progress: bool = Fa
     hashes = np.concatenate([h for _, h, _, _ in parts])
     codes = np.concatenate([c for _, _, c, _ in parts])
     skipped = {k: reason for *_, part_skipped in parts for k, reason in part_skipped.items()}
-    return NearDuplicates(group_duplicates(keys, hashes, codes, opts), skipped)
+    stats = SearchStats()
+    return NearDuplicates(group_duplicates(keys, hashes, codes, opts, stats), skipped, stats)
 
 
 def write_duplicate_list(path: str | Path, duplicates: NearDuplicates, source: Source, opts: DedupOptions) -> None:
-    data = {"source": source.describe(), "options": vars(opts),
+    data = {"source": source.describe(), "options": vars(opts), "search": asdict(duplicates.search),
             "duplicates": [{"key": k, "of": v, "method": "semantic-hash"} for k, v in duplicates.items()],
             "skipped": [{"key": k, "reason": reason} for k, reason in duplicates.skipped.items()]}
     atomic_write_bytes(Path(path), json.dumps(data, indent=1).encode())

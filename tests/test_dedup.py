@@ -1,12 +1,19 @@
 """The paper's near-duplicate pass on planted near-duplicates, and conversion skipping them."""
 
 import json
+import tracemalloc
 
 import numpy as np
 from conftest import run_dcgan
 
 from data_shards.convert import ConvertOptions, convert, load_skip_keys
-from data_shards.dedup import DedupOptions, find_near_duplicates, group_duplicates, recall_and_false_positive_rate
+from data_shards.dedup import (
+    DedupOptions,
+    SearchStats,
+    find_near_duplicates,
+    group_duplicates,
+    recall_and_false_positive_rate,
+)
 from data_shards.sources import open_source
 
 
@@ -38,9 +45,54 @@ def test_dedup_cli_then_convert_skips_the_list(lsun_lmdb, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     listed = json.loads(dups.read_text())["duplicates"]
     assert listed and all(d["method"] == "semantic-hash" for d in listed)
+    search = json.loads(dups.read_text())["search"]
+    assert search["largest_bucket"] > 1 and search["windowed_buckets"] == 0
+    assert f"largest bucket {search['largest_bucket']:,}; every bucket searched in full" in res.stdout
     m = convert("lsun", path, tmp_path / "out", ConvertOptions(resolution=32, shard_size=300, workers=2,
                                                                skip_keys=load_skip_keys(dups)), progress=False)
     reasons = {s["key"]: s["reason"] for s in m.skipped}
     assert all(reasons[d["key"]].startswith(f"near-duplicate of {d['of']}") for d in listed
                if d["key"] not in planted.corrupt)
     assert m.total == 672 - len(planted.corrupt) - len(reasons.keys() - set(planted.corrupt))
+
+
+def _planted_codes(n: int, pairs: int, seed: int = 0, flips: dict[int, int] | None = None
+                   ) -> tuple[list[str], np.ndarray, np.ndarray, dict[str, str]]:
+    """n random unit codes and their sign hashes; the last `pairs` items are near-copies of the first ones:
+    codes within 1e-3, hashes apart in the bits of `flips` (byte -> mask; default two bits)."""
+    rng = np.random.default_rng(seed)
+    codes = rng.standard_normal((n, 128)).astype(np.float32)
+    codes[n - pairs:] = codes[:pairs] + 1e-3 * rng.standard_normal((pairs, 128))
+    codes /= np.linalg.norm(codes, axis=1, keepdims=True)
+    hashes = np.packbits(codes > 0, axis=1)
+    hashes[n - pairs:] = hashes[:pairs]
+    for byte, mask in (flips or {4: 0b00100000, 9: 0b00000100}).items():
+        hashes[n - pairs:, byte] ^= mask
+    keys = [f"{i:06d}" for i in range(n)]
+    return keys, hashes, codes.astype(np.float16), {keys[n - pairs + i]: keys[i] for i in range(pairs)}
+
+
+def test_a_bucket_larger_than_a_block_is_searched_in_full_and_matches_all_pairs():
+    keys, hashes, codes, planted = _planted_codes(3000, 40)
+    hashes[:, :2] = 0  # every item in one bucket of band 0: 3,000 members, three blocks a side
+    stats = SearchStats()
+    found = group_duplicates(keys, hashes, codes, DedupOptions(), stats)
+    assert found == planted and stats.largest_bucket == 3000 and stats.windowed_buckets == 0
+
+
+def test_a_degenerate_bucket_is_searched_by_neighbours_in_flat_memory_never_skipped():
+    """25,000 images agreeing on a whole band (blank frames do): once skipped without a word, so their
+    duplicates were kept; now searched in blocks, reported, and the planted copies found."""
+    # each copy differs from its original in one bit of every other band: band 0, the degenerate one, is
+    # the only bucket that holds both
+    keys, hashes, codes, planted = _planted_codes(25_000, 60, seed=1, flips={b: 1 for b in range(2, 16, 2)})
+    hashes[:, :2] = 0
+    stats = SearchStats()
+    tracemalloc.start()
+    found = group_duplicates(keys, hashes, codes, DedupOptions(), stats)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert found == planted
+    assert stats.largest_bucket == 25_000 and stats.windowed_buckets == 1 and stats.windowed_members == 25_000
+    # all pairs of one 25,000-member bucket at once would take 25,000^2 x 16 bytes = 10 GB
+    assert peak < 200 * 2**20, f"peak {peak / 2**20:.0f} MiB"
