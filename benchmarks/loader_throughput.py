@@ -39,7 +39,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.report import print_table, write_result  # noqa: E402
+from benchmarks.report import print_table, settings_of, write_result  # noqa: E402
 from data_shards.loaders import open_loader  # noqa: E402
 
 
@@ -192,7 +192,8 @@ def main() -> None:
                 f"{args.workers} worker(s)/thread(s), delivered on {device}"
                 + (f"; a 64x64 step consumes {step_rate:.0f} img/s (vs step)" if step_rate else ""),
                 columns, rows)
-    write_result(args.out, "loader_throughput", settings={k: str(v) for k, v in vars(args).items()},
+    settings = settings_of(args)
+    write_result(args.out, "loader_throughput", settings=settings,
                  step_img_per_s=step_rate, device=device, rows=rows)
 
 

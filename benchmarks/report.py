@@ -31,6 +31,13 @@ def print_table(title: str, columns: list[tuple[str, str, str]], rows: list[dict
                         for (_, k, f), w in zip(columns, widths, strict=True)))
 
 
+def settings_of(args: Any) -> dict[str, str]:
+    """A benchmark's options as strings, paths inside the checkout relative to it (not this machine's)."""
+    root = Path(__file__).resolve().parents[1]
+    return {k: str(v.resolve().relative_to(root) if isinstance(v, Path) and v.resolve().is_relative_to(root) else v)
+            for k, v in vars(args).items()}
+
+
 def write_result(path: Path, benchmark: str, **payload: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {"benchmark": benchmark, "date": date.today().isoformat(), "machine": machine(), **payload}

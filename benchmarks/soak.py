@@ -38,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.report import print_table, write_result  # noqa: E402
+from benchmarks.report import print_table, settings_of, write_result  # noqa: E402
 from trainer.checkpoint import list_checkpoints  # noqa: E402
 from trainer.checkpoint_io import safe_load  # noqa: E402
 
@@ -229,7 +229,8 @@ def main() -> None:
                 f"seed {args.seed}",
                 [("launcher", "launcher", "<9"), ("kills at", "kills", "<80"), ("clean (s)", "clean_s", ">9.1f"),
                  ("with kills (s)", "faulty_s", ">14.1f"), ("bit-identical", "identical", ">13")], rows)
-    write_result(args.out, "soak", settings={k: str(v) for k, v in vars(args).items()}, rows=rows)
+    settings = settings_of(args)
+    write_result(args.out, "soak", settings=settings, rows=rows)
     sys.exit(1 if failed else 0)
 
 
