@@ -225,7 +225,6 @@ def _bucket_pairs(members: np.ndarray, hashes: np.ndarray, codes: np.ndarray, op
     is compared with the next WINDOW: a near-duplicate differs from its original in a few bits and
     lands next to it or within the window. Such buckets are counted and reported, never skipped."""
     m = len(members)
-    stats.largest_bucket = max(stats.largest_bucket, m)
     if m <= EXACT_LIMIT:
         for i in range(0, m, BLOCK):
             for j in range(i, m, BLOCK):
@@ -260,11 +259,12 @@ def group_duplicates(keys: list[str], hashes: np.ndarray, codes: np.ndarray, opt
     for band in range(opts.bands):
         band_ids = _band_ids(hashes, band, opts.bands)
         order = np.argsort(band_ids, kind="stable")
-        boundaries = np.flatnonzero(band_ids[order][1:] != band_ids[order][:-1]) + 1
+        sorted_ids = band_ids[order]
+        boundaries = np.flatnonzero(sorted_ids[1:] != sorted_ids[:-1]) + 1
         sizes = np.diff(np.concatenate([[0], boundaries, [len(order)]]))
         stats.largest_bucket = max(stats.largest_bucket, int(sizes.max(initial=0)))
         large = [members for members in np.split(order, boundaries) if len(members) > SMALL]
-        searches = itertools.chain(_small_bucket_pairs(order, band_ids[order], sizes, hashes, codes, opts),
+        searches = itertools.chain(_small_bucket_pairs(order, sorted_ids, sizes, hashes, codes, opts),
                                    *(_bucket_pairs(members, hashes, codes, opts, stats) for members in large))
         for a, b in searches:
             stats.pairs_found += len(a)
