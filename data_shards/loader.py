@@ -36,6 +36,7 @@ import random
 import re
 import signal
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -239,18 +240,19 @@ class ShardLoader:
         """`_rank_stream`, rebuilt at the batch it had reached when a DataLoader worker dies."""
         delivered = 0
         for restart in itertools.count():
+            stream = self._rank_stream(epoch, start_step + delivered)
             try:
-                for item in self._rank_stream(epoch, start_step + delivered):
+                for item in stream:
                     yield item
                     delivered += bool(len(item[1]))
                 return
-            except RuntimeError as e:
-                if not WORKER_DIED.search(str(e)) or restart == WORKER_RESTARTS:
+            except (RuntimeError, ConnectionError, EOFError) as e:
+                death = _worker_death(e, stream)
+                if death is None or restart == WORKER_RESTARTS:
                     raise
                 self.worker_restarts += 1
                 log.warning("rank %d: %s; its stream restarts at batch %d of epoch %d (restart %d of %d)",
-                            self.rank, str(e).strip().splitlines()[0].rstrip("."), start_step + delivered,
-                            epoch, restart + 1, WORKER_RESTARTS)
+                            self.rank, death, start_step + delivered, epoch, restart + 1, WORKER_RESTARTS)
 
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's batches of `epoch` from step `start_step` on, exactly `steps_per_epoch` in all."""
@@ -282,6 +284,26 @@ class ShardLoader:
                 return
         raise ShardSetError(f"rank {self.rank} read only {produced} of {wanted} batches of epoch {epoch} "
                             f"from {self.folder}: too many shards are damaged ({self.skipped} items skipped)")
+
+
+def _worker_death(error: BaseException, stream: Iterator, wait_s: float = 5.0) -> str | None:
+    """What `error` says of a dead DataLoader worker, or None when it is something else. Torch reports a
+    death it notices itself as a RuntimeError; a worker killed while handing over a batch instead cuts
+    the socket its tensor's file descriptor travels on, and the error is the cut connection."""
+    if isinstance(error, RuntimeError):
+        return str(error).strip().splitlines()[0].rstrip(".") if WORKER_DIED.search(str(error)) else None
+    # a process closes its sockets before it can be reaped: the death shows within moments of the cut
+    workers = getattr(stream, "_workers", [])  # torch keeps no public handle on them
+    deadline = time.monotonic() + wait_s
+    while workers:
+        dead = [str(w.pid) for w in workers if not w.is_alive()]
+        if dead:
+            return (f"DataLoader worker (pid(s) {', '.join(dead)}) exited unexpectedly while handing over a "
+                    f"batch ({type(error).__name__})")
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    return None
 
 
 def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:

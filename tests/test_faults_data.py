@@ -162,7 +162,9 @@ def test_a_killed_dataloader_worker_costs_time_not_data(pristine, caplog):
     for (a, la), (b, lb) in zip(batches, reference, strict=True):
         assert torch.equal(la, lb) and torch.equal(a, b)
     assert loader.worker_restarts == 1 and loader.skipped == 0
-    assert f"pid(s) {workers[1].pid}) exited unexpectedly; its stream restarts at batch" in caplog.text
+    # torch notices the death itself, or it cuts the connection a batch's tensor was being handed over on
+    assert f"pid(s) {workers[1].pid}) exited unexpectedly" in caplog.text
+    assert "its stream restarts at batch" in caplog.text
 
 
 def test_dali_leaves_out_a_shard_whose_size_changed_and_says_why(cut, caplog):
