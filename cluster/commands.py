@@ -17,11 +17,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """What these commands raise for bad input: one line, not a traceback."""
     from cluster.monitor import MonitorError
     from cluster.ray_launch import ClusterError
+    from common.ray_address import RayUnreachable
     from trainer.checkpoint_io import CheckpointError
     from trainer.config import ConfigError
     from trainer.step import NonFiniteLoss
 
-    return ConfigError, CheckpointError, NonFiniteLoss, ClusterError, MonitorError
+    return ConfigError, CheckpointError, NonFiniteLoss, ClusterError, RayUnreachable, MonitorError
 
 
 def cmd_train(args: argparse.Namespace) -> int:

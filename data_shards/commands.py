@@ -4,31 +4,68 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from data_shards.parts import PartRunner
+
+ADDRESS_HELP = ("a Ray cluster's GCS address (HEAD:6379): its parts run as Ray tasks over the cluster's nodes, which "
+                "all read --input and write --out at the same paths (default: RAY_ADDRESS, set inside `ray job "
+                "submit`; without either, this machine's cores)")
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """What these commands raise for bad input: one line, not a traceback."""
+    from common.ray_address import RayUnreachable
     from data_shards.convert import ConversionError
     from data_shards.idx import IdxError
     from data_shards.manifest import ShardSetError
+    from data_shards.parts import RayPartsError
     from data_shards.sources.fashion_mnist import DatasetMissing
     from data_shards.sources.lsun_lmdb import SourceMissing
 
-    return ConversionError, IdxError, ShardSetError, DatasetMissing, SourceMissing
+    return ConversionError, IdxError, ShardSetError, DatasetMissing, SourceMissing, RayPartsError, RayUnreachable
+
+
+@contextmanager
+def part_runner(args: argparse.Namespace) -> Iterator[PartRunner]:
+    """Where the parts run: the Ray cluster of --address (or RAY_ADDRESS, as inside `ray job submit`), else
+    this machine's cores."""
+    from data_shards.parts import LocalParts, RayParts, ray_address
+
+    address = ray_address(args.address)
+    if address is None:
+        yield LocalParts(args.workers)
+        return
+    with RayParts(address) as runner:
+        yield runner
+    nodes = runner.nodes_used
+    print(f"on Ray at {address}: {sum(nodes.values())} parts ran on {len(nodes)} node(s)"
+          + (f" ({', '.join(str(n) for n in sorted(nodes.values(), reverse=True))} parts each)" if nodes else ""))
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from data_shards.convert import ConvertOptions, convert, load_skip_keys
+    from data_shards.convert import ConversionError, ConvertOptions, convert, load_skip_keys
+    from data_shards.parts import absolute_path, ray_address
 
+    if ray_address(args.address):
+        if args.part != "0/1":
+            raise ConversionError("--part splits a conversion by hand over machines; on Ray the cluster splits it: "
+                                  "drop --part")
+        args.out = absolute_path(args.out, "--out")
+        args.input = absolute_path(args.input, "--input") if args.input else None
     channels = args.channels or (1 if args.source == "fashion-mnist" else 3)
     part, _, parts = args.part.partition("/")
     opts = ConvertOptions(resolution=args.resolution, channels=channels, encoding=args.encoding,
                           quality=args.quality, shard_size=args.shard_size, keep_original=args.keep_original,
                           workers=args.workers, limit=args.limit, skip_keys=load_skip_keys(args.skip_keys),
                           part=(int(part), int(parts or 1)))
-    manifest = convert(args.source, args.input, args.out, opts, split=args.split, overwrite=args.overwrite,
-                       progress=not args.quiet)
+    with part_runner(args) as runner:
+        manifest = convert(args.source, args.input, args.out, opts, split=args.split, overwrite=args.overwrite,
+                           progress=not args.quiet, runner=runner)
     if manifest is None:
         print(f"{args.out}: part {args.part} done; the manifest is written when the last part finishes")
     else:
@@ -39,12 +76,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_dedup(args: argparse.Namespace) -> int:
     from data_shards.dedup import EXACT_LIMIT, WINDOW, DedupOptions, find_near_duplicates, write_duplicate_list
+    from data_shards.parts import absolute_path, ray_address
     from data_shards.sources import open_source
 
+    if ray_address(args.address) and args.input:
+        args.input = absolute_path(args.input, "--input")
     source = open_source(args.source, args.input)
     opts = DedupOptions(train_samples=args.train_samples, train_steps=args.train_steps, bands=args.bands,
-                        max_hamming=args.max_hamming, max_cosine=args.max_cosine, workers=args.workers)
-    duplicates = find_near_duplicates(source, opts)
+                        max_hamming=args.max_hamming, max_cosine=args.max_cosine, workers=args.workers,
+                        part_size=args.part_size)
+    with part_runner(args) as runner:
+        duplicates = find_near_duplicates(source, opts, progress=not args.quiet, runner=runner)
     write_duplicate_list(args.out, duplicates, source, opts)
     search = duplicates.search
     print(f"{args.out}: {len(duplicates)} near-duplicates; pass it to `dcgan data convert --skip-keys`")
@@ -107,7 +149,9 @@ def _add_convert(data: argparse._SubParsersAction) -> None:
     conv.add_argument("--quality", type=int, default=95, help="JPEG quality")
     conv.add_argument("--keep-original", action="store_true", help="also store the source's encoded bytes")
     conv.add_argument("--shard-size", type=int, default=5000, help="samples per shard")
-    conv.add_argument("--workers", type=int, default=0, help="processes (default: one per core)")
+    conv.add_argument("--workers", type=int, default=0, help="processes (default: one per core; on Ray, one "
+                                                            "task per free core of the cluster)")
+    conv.add_argument("--address", help=ADDRESS_HELP)
     conv.add_argument("--limit", type=int, default=0, help="convert only the first N source items")
     conv.add_argument("--skip-keys", help="duplicate list from `dcgan data dedup`; those keys are skipped")
     conv.add_argument("--part", default="0/1", help="I/N: convert the I-th of N contiguous key ranges "
@@ -128,7 +172,12 @@ def _add_dedup(data: argparse._SubParsersAction) -> None:
     dedup.add_argument("--bands", type=int, default=8)
     dedup.add_argument("--max-hamming", type=int, default=16)
     dedup.add_argument("--max-cosine", type=float, default=0.04)
-    dedup.add_argument("--workers", type=int, default=0)
+    dedup.add_argument("--workers", type=int, default=0, help="processes that hash (default: one per core; on "
+                                                              "Ray, one task per free core of the cluster)")
+    dedup.add_argument("--address", help=ADDRESS_HELP)
+    dedup.add_argument("--part-size", type=int, default=2000, help="keys hashed per part (a process's or a Ray "
+                                                                  "task's unit of work)")
+    dedup.add_argument("--quiet", action="store_true")
     dedup.set_defaults(func=cmd_dedup)
 
 

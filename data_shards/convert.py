@@ -6,7 +6,8 @@
 2. Shards: worker processes each take whole shards: read the key range, decode, drop what is
    corrupt or a duplicate (counted, with the reason), centre-crop + resize, encode, and write
    the tar atomically, then a sidecar .progress/shard-XXXXXX.json. A shard whose sidecar exists
-   is done: an interrupted conversion redoes only shards without one.
+   is done: an interrupted conversion redoes only shards without one. On a Ray cluster each
+   shard is a Ray task instead (data_shards/parts.py), on whichever node has a free core.
 3. Finalize: once every shard has its sidecar, exact duplicates across shards (equal decoded
    pixels, found from the 64-bit pixel hashes in the sidecars) are removed from the later
    shards, and manifest.json is written last: a shard set without a manifest is incomplete.
@@ -23,8 +24,6 @@ process one summary per shard); finalize holds one 8-byte hash per image.
 from __future__ import annotations
 
 import json
-import multiprocessing
-import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,7 +40,8 @@ from data_shards.manifest import (
     read_manifest,
     write_manifest,
 )
-from data_shards.sources import Source, open_source
+from data_shards.parts import LocalParts, PartRunner
+from data_shards.sources import Source, open_source, paths_of
 from data_shards.transform import (
     ENCODINGS,
     EXTENSIONS,
@@ -125,14 +125,7 @@ def make_plan(source: Source, out: Path, opts: ConvertOptions) -> list[dict]:
     return shards
 
 
-# --- worker side -------------------------------------------------------------------------------
-_WORKER: dict[str, Any] = {}
-
-
-def _init_worker(source: Source, out: Path, opts: ConvertOptions) -> None:
-    _WORKER.update(source=source, out=out, opts=opts)
-
-
+# --- a part: one shard, in a worker process or a Ray task -----------------------------------
 def _original_extension(data: bytes) -> str:
     signatures = {b"\xff\xd8": "orig.jpg", b"\x89PNG": "orig.png", b"RIFF": "orig.webp", b"GIF8": "orig.gif"}
     return next((ext for sig, ext in signatures.items() if data.startswith(sig)), "orig.bin")
@@ -149,10 +142,10 @@ def _with_channels(pixels: np.ndarray, channels: int) -> np.ndarray:
     return pixels.mean(axis=2, keepdims=True).round().astype(np.uint8)
 
 
-def convert_shard(index: int, first_key: str, count: int) -> dict:
-    source: Source = _WORKER["source"]
-    out: Path = _WORKER["out"]
-    opts: ConvertOptions = _WORKER["opts"]
+def convert_shard(context: tuple[Source, Path, ConvertOptions], job: tuple[int, str, int]) -> dict:
+    """Shard `index` of the plan: its tar, then its sidecar, each written atomically."""
+    source, out, opts = context
+    index, first_key, count = job
     skipped: list[dict[str, str]] = []
     keys: list[str] = []
     hashes: list[int] = []
@@ -189,10 +182,6 @@ def convert_shard(index: int, first_key: str, count: int) -> dict:
     summary = {"index": index, "shard": asdict(info), "skipped": skipped, "keys": keys, "hashes": hashes}
     _write_json(_sidecar(out, index), summary)
     return {"index": index, "count": info.count, "skipped": len(skipped)}
-
-
-def _convert_shard_job(job: tuple[int, str, int]) -> dict:
-    return convert_shard(*job)
 
 
 # --- main side ---------------------------------------------------------------------------------
@@ -261,30 +250,16 @@ def _remove_temp_files(out: Path, indices: list[int]) -> None:
 
 
 def _convert_pending(source: Source, out: Path, opts: ConvertOptions, pending: list[tuple[int, str, int]],
-                     bar: tqdm) -> None:
-    workers = max(1, min(opts.workers or os.cpu_count() or 1, len(pending) or 1))
-    pool = None
-    if workers == 1:
-        _init_worker(source, out, opts)
-        results = map(_convert_shard_job, pending)
-    else:
-        pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (source, out, opts))
-        results = pool.imap_unordered(_convert_shard_job, pending)
+                     bar: tqdm, runner: PartRunner) -> None:
     planned = {index: count for index, _, count in pending}
+    results = runner.run(convert_shard, (source, out, opts), pending)
     try:
-        for result in results:
+        for _, result in results:
             bar.update(planned[result["index"]])
     except BaseException:
-        if pool is not None:  # stop the other workers now: closing would run every queued shard first
-            pool.terminate()
-            pool.join()
-            pool = None
+        results.close()  # stops the parts still running before their temp files are removed
         _remove_temp_files(out, [job[0] for job in pending])
         raise
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
 
 
 def _size(n: float) -> str:
@@ -316,11 +291,13 @@ def _out_of_space_message(out: Path, error: OSError, shards: list[dict], mine: r
 
 
 def convert_source(source: Source, out: str | Path, opts: ConvertOptions, overwrite: bool = False,
-                   progress: bool = True) -> Manifest | None:
+                   progress: bool = True, runner: PartRunner | None = None) -> Manifest | None:
     """Convert (or finish converting) `source` into `out`. Returns the manifest, or None when
     this was one part of a multi-machine conversion and other parts are still missing. A full
-    disk is a ConversionError of one line; what was finished is kept for the next run."""
+    disk is a ConversionError of one line; what was finished is kept for the next run. The
+    shards are converted by `runner`: this machine's cores (`opts.workers`), or a Ray cluster."""
     opts.check()
+    runner = runner or LocalParts(opts.workers)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConversionError(f"--out {out} is a file; conversion writes a folder of shards")
@@ -333,6 +310,7 @@ def convert_source(source: Source, out: str | Path, opts: ConvertOptions, overwr
             for path in [*out.glob("shard-*"), *out.glob(f"{PROGRESS}/*"), out / MANIFEST_NAME]:
                 path.unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
+        runner.check_paths(paths_of(source), out)
         shards = make_plan(source, out, opts)
         part, parts = opts.part
         mine = range(part * len(shards) // parts, (part + 1) * len(shards) // parts)
@@ -340,7 +318,7 @@ def convert_source(source: Source, out: str | Path, opts: ConvertOptions, overwr
         _remove_temp_files(out, [job[0] for job in pending])
         with tqdm(total=sum(s["count"] for s in shards[mine.start:mine.stop]), unit="img", disable=not progress,
                   initial=sum(shards[i]["count"] for i in mine) - sum(job[2] for job in pending)) as bar:
-            _convert_pending(source, out, opts, pending, bar)
+            _convert_pending(source, out, opts, pending, bar, runner)
         if not all(_sidecar(out, i).is_file() for i in range(len(shards))):
             return None
         return finalize(out, source, opts, len(shards))
@@ -359,5 +337,6 @@ def load_skip_keys(path: str | Path | None) -> dict[str, str]:
 
 
 def convert(source: str, input_path: str | Path | None, out_dir: str | Path, opts: ConvertOptions, *,
-            split: str = "train", overwrite: bool = False, progress: bool = True) -> Manifest | None:
-    return convert_source(open_source(source, input_path, split), out_dir, opts, overwrite, progress)
+            split: str = "train", overwrite: bool = False, progress: bool = True,
+            runner: PartRunner | None = None) -> Manifest | None:
+    return convert_source(open_source(source, input_path, split), out_dir, opts, overwrite, progress, runner)

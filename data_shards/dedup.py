@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import multiprocessing
-import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,10 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from common.atomic import atomic_write_bytes
 from data_shards.convert import ConversionError
-from data_shards.sources import Source
+from data_shards.parts import LocalParts, PartRunner
+from data_shards.sources import Source, paths_of
 from data_shards.transform import UndecodableImage, center_crop_resize, decode_image
 
 CROP = 32
@@ -67,6 +67,7 @@ class DedupOptions:
     max_cosine: float = 0.04
     workers: int = 0
     seed: int = 0
+    part_size: int = 2000  # keys hashed per part: a few seconds of one core, cheap to retry
 
 
 def crop_vector(value: bytes | np.ndarray) -> np.ndarray:
@@ -131,25 +132,21 @@ def hash_codes(model: HashingAutoencoder, thresholds: np.ndarray, crops: np.ndar
     return np.packbits(codes > thresholds, axis=1), unit.astype(np.float16)
 
 
-_WORKER: dict = {}
-
-
-def _init(source: Source, model_state: dict, thresholds: np.ndarray) -> None:
-    torch.set_num_threads(1)
+def _hash_range(context: tuple[Source, dict, np.ndarray], job: tuple[str, int]
+                ) -> tuple[list[str], np.ndarray, np.ndarray, dict[str, str]]:
+    """One part of the hashing pass, in a worker process or a Ray task: (keys, hashes, codes, skipped)."""
+    source, model_state, thresholds = context
+    torch.set_num_threads(1)  # one core per part
     model = HashingAutoencoder()
     model.load_state_dict(model_state)
     model.eval()
-    _WORKER.update(source=source, model=model, thresholds=thresholds)
-
-
-def _hash_range(job: tuple[str, int]) -> tuple[list[str], np.ndarray, np.ndarray, dict[str, str]]:
     keys, crops, skipped = [], [], {}
-    for key, crop in _read_all(_WORKER["source"], *job, skipped):
+    for key, crop in _read_all(source, *job, skipped):
         keys.append(key)
         crops.append(crop)
     if not crops:
         return keys, np.zeros((0, 16), np.uint8), np.zeros((0, 128), np.float16), skipped
-    return (keys, *hash_codes(_WORKER["model"], _WORKER["thresholds"], np.stack(crops)), skipped)
+    return (keys, *hash_codes(model, thresholds, np.stack(crops)), skipped)
 
 
 # Popcount of every byte value: Hamming distances straight from the packed hashes (16 bytes an image)
@@ -306,8 +303,13 @@ class NearDuplicates(dict[str, str]):
         self.search = search or SearchStats()
 
 
-def find_near_duplicates(source: Source, opts: DedupOptions, progress: bool = False) -> NearDuplicates:
-    ranges = _ranges(source, 2000)
+def find_near_duplicates(source: Source, opts: DedupOptions, progress: bool = False,
+                         runner: PartRunner | None = None) -> NearDuplicates:
+    """The near-duplicates of `source`: the autoencoder trained here on a sample, every item hashed in parts by
+    `runner` (this machine's cores by default, or a Ray cluster), then the pair search here."""
+    runner = runner or LocalParts(opts.workers)
+    runner.check_paths(paths_of(source))
+    ranges = _ranges(source, opts.part_size)
     total = sum(c for _, c in ranges)
     # the training sample: evenly spaced slices of the key space, decoded in the main process
     take = min(opts.train_samples, total)
@@ -318,13 +320,16 @@ def find_near_duplicates(source: Source, opts: DedupOptions, progress: bool = Fa
         raise ConversionError(f"none of the {len(sample_skipped)} items sampled from {source.describe()} decode; "
                               f"first reason: {next(iter(sample_skipped.values()), 'none')}")
     model, thresholds = train_autoencoder(np.stack(sample), opts)
-    workers = max(1, min(opts.workers or os.cpu_count() or 1, len(ranges)))
-    with multiprocessing.get_context("fork").Pool(workers, _init, (source, model.state_dict(), thresholds)) as pool:
-        parts = pool.map(_hash_range, ranges)  # map keeps source order, which decides who is kept
+    parts: list = [None] * len(ranges)
+    with tqdm(total=total, unit="img", desc="hashing", disable=not progress) as bar:
+        for index, part in runner.run(_hash_range, (source, model.state_dict(), thresholds), ranges):
+            parts[index] = part  # source order decides who is kept, whatever order the parts finish in
+            bar.update(ranges[index][1])
     keys = [k for part_keys, _, _, _ in parts for k in part_keys]
     hashes = np.concatenate([h for _, h, _, _ in parts])
     codes = np.concatenate([c for _, _, c, _ in parts])
     skipped = {k: reason for *_, part_skipped in parts for k, reason in part_skipped.items()}
+    del parts
     stats = SearchStats()
     return NearDuplicates(group_duplicates(keys, hashes, codes, opts, stats), skipped, stats)
 

@@ -20,6 +20,11 @@ import numpy as np
 from PIL import Image
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "retina", "hubble_deep_field", "immunohistochemistry")
+# never used to tune the dedup thresholds: recall and false positives are measured on these as well (grey ones
+# become three equal channels; the logo loses its alpha)
+HELD_OUT = ("stereo_motorcycle", "colorwheel", "logo", "camera", "moon", "coins", "clock", "brick", "grass", "gravel",
+            "cell")
+PHOTO_SETS = {"tuned": PHOTOS, "held-out": HELD_OUT}
 
 
 @dataclass
@@ -29,10 +34,16 @@ class Planted:
     corrupt: list[str] = field(default_factory=list)
 
 
-def _photos() -> list[np.ndarray]:
+def _photos(names: tuple[str, ...]) -> list[np.ndarray]:
     import skimage.data
 
-    return [getattr(skimage.data, name)() for name in PHOTOS]
+    photos = []
+    for name in names:
+        photo = getattr(skimage.data, name)()
+        photo = photo[0] if isinstance(photo, tuple) else photo  # the stereo pair's left view
+        photo = np.repeat(photo[..., None], 3, axis=2) if photo.ndim == 2 else photo[..., :3]
+        photos.append(np.ascontiguousarray(photo))
+    return photos
 
 
 def _random_view(photo: np.ndarray, rng: np.random.Generator, short_side: int) -> Image.Image:
@@ -103,22 +114,26 @@ def _key(i: int) -> str:
     return hashlib.sha1(f"dcgan-scale-sample-{i}".encode()).hexdigest()
 
 
-_PHOTO_CACHE: list[np.ndarray] = []
+_PHOTO_CACHE: dict[str, list[np.ndarray]] = {}
 
 
-def _original(job: tuple[int, int, str, int]) -> bytes:
-    seed, index, image_format, short_side = job
-    if not _PHOTO_CACHE:
-        _PHOTO_CACHE.extend(_photos())
+def _original(job: tuple[int, int, str, int, str]) -> bytes:
+    seed, index, image_format, short_side, photo_set = job
+    if photo_set not in _PHOTO_CACHE:
+        _PHOTO_CACHE[photo_set] = _photos(PHOTO_SETS[photo_set])
+    photos = _PHOTO_CACHE[photo_set]
     rng = np.random.default_rng([seed, index])  # image i is the same however the work is split
-    image = _random_view(_PHOTO_CACHE[rng.integers(len(_PHOTO_CACHE))], rng, short_side)
+    image = _random_view(photos[rng.integers(len(photos))], rng, short_side)
     return _encode(image, image_format, int(rng.integers(75, 95)))
 
 
 def build_sample_lsun(out: str | Path, n: int, *, seed: int = 0, image_format: str = "WEBP", short_side: int = 256,
                       near_duplicates: int = 0, exact_duplicates: int = 0, corrupt: int = 0,
-                      workers: int = 1) -> Planted:
-    """Write `n` distinct images plus the planted extras into the LMDB folder `out`."""
+                      workers: int = 1, photos: str = "tuned") -> Planted:
+    """Write `n` distinct images plus the planted extras into the LMDB folder `out`, cut from the photographs
+    of `photos` ("tuned": those the dedup thresholds were chosen on, or "held-out")."""
+    if photos not in PHOTO_SETS:
+        raise ValueError(f"unknown photo set {photos!r}; sets: {', '.join(PHOTO_SETS)}")
     import multiprocessing
 
     out = Path(out)
@@ -127,7 +142,7 @@ def build_sample_lsun(out: str | Path, n: int, *, seed: int = 0, image_format: s
     planted = Planted()
     env = lmdb.open(str(out), map_size=1 << 40, subdir=True)
     originals: list[str] = []
-    jobs = [(seed, i, image_format, short_side) for i in range(n)]
+    jobs = [(seed, i, image_format, short_side, photos) for i in range(n)]
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
     try:
         values = pool.imap(_original, jobs, chunksize=64) if pool else map(_original, jobs)

@@ -13,10 +13,10 @@ import psutil
 import pytest
 from conftest import RAY_REDIRECTS, ROOT, child_env, run_dcgan, tiny_train_args
 
-from cluster.ray_launch import ClusterError, check_reachable
 from cluster.scaling import WorkerPlan, plan_workers, shortfall
 from cluster.testing.local_head import LocalRayHead
 from common.ports import free_port
+from common.ray_address import RayUnreachable, check_reachable
 from trainer.checkpoint import list_checkpoints, read_meta
 from trainer.config import ClusterConfig, ConfigError
 
@@ -54,11 +54,11 @@ def test_explicit_sizes_win_and_a_shortfall_is_reported_not_refused():
 def test_unreachable_or_wrong_addresses_fail_in_seconds_with_the_reason():
     port = free_port()
     started = time.monotonic()
-    with pytest.raises(ClusterError, match=f"cannot reach a Ray cluster at 127.0.0.1:{port}: nothing answers"):
+    with pytest.raises(RayUnreachable, match=f"cannot reach a Ray cluster at 127.0.0.1:{port}: nothing answers"):
         check_reachable(f"127.0.0.1:{port}")
-    with pytest.raises(ClusterError, match="dashboard's job address"):
+    with pytest.raises(RayUnreachable, match="dashboard's job address"):
         check_reachable("http://127.0.0.1:8265")
-    with pytest.raises(ClusterError, match="must be HOST:PORT"):
+    with pytest.raises(RayUnreachable, match="must be HOST:PORT"):
         check_reachable("headnode")
     assert time.monotonic() - started < 15
 

@@ -44,6 +44,12 @@ def open_source(kind: str, path: str | Path | None, split: str = "train") -> Sou
     raise ValueError(f"unknown source {kind!r}; sources: {', '.join(KINDS)}")
 
 
+def paths_of(source: Source) -> list[Path]:
+    """What every machine that reads `source` must reach: its file or folder (none for one in memory)."""
+    path = source.describe().get("path")
+    return [Path(path)] if path else []
+
+
 def _required(kind: str, path: str | Path | None) -> Path:
     if path is None:
         raise ValueError(f"source {kind!r} needs --input")
