@@ -82,9 +82,9 @@ def cmd_dedup(args: argparse.Namespace) -> int:
     if ray_address(args.address) and args.input:
         args.input = absolute_path(args.input, "--input")
     source = open_source(args.source, args.input)
-    opts = DedupOptions(train_samples=args.train_samples, train_steps=args.train_steps, bands=args.bands,
-                        max_hamming=args.max_hamming, max_cosine=args.max_cosine, workers=args.workers,
-                        part_size=args.part_size)
+    given = {name: getattr(args, name) for name in ("train_samples", "train_steps", "bands", "max_hamming",
+                                                    "max_cosine", "workers", "part_size")}
+    opts = DedupOptions(**{name: value for name, value in given.items() if value is not None})
     with part_runner(args) as runner:
         duplicates = find_near_duplicates(source, opts, progress=not args.quiet, runner=runner)
     write_duplicate_list(args.out, duplicates, source, opts)
@@ -94,6 +94,7 @@ def cmd_dedup(args: argparse.Namespace) -> int:
           + (f"; {search.windowed_buckets} bucket(s) over {EXACT_LIMIT:,} ({search.windowed_members:,} members) "
              f"compared each member with its {WINDOW} nearest by hash, not with all" if search.windowed_buckets
              else "; every bucket searched in full"))
+    print("time: " + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in duplicates.seconds.items()))
     return 0
 
 
@@ -102,7 +103,7 @@ def cmd_sample_lsun(args: argparse.Namespace) -> int:
 
     planted = build_sample_lsun(args.out, args.n, seed=args.seed, image_format=args.format.upper(),
                                 near_duplicates=args.near_duplicates, exact_duplicates=args.exact_duplicates,
-                                corrupt=args.corrupt, workers=args.workers)
+                                corrupt=args.corrupt, workers=args.workers, photos=args.photos)
     print(f"{args.out}: LSUN-format LMDB with {args.n} images, {len(planted.near_duplicates)} near-duplicates, "
           f"{len(planted.exact_duplicates)} exact duplicates, {len(planted.corrupt)} corrupt values")
     return 0
@@ -167,16 +168,18 @@ def _add_dedup(data: argparse._SubParsersAction) -> None:
     dedup.add_argument("--source", default="lsun", choices=["lsun", "folder", "fashion-mnist"])
     dedup.add_argument("--input")
     dedup.add_argument("--out", required=True, help="JSON list of duplicate keys, for convert --skip-keys")
-    dedup.add_argument("--train-samples", type=int, default=50_000)
-    dedup.add_argument("--train-steps", type=int, default=3000, help="autoencoder Adam steps (batch 256)")
-    dedup.add_argument("--bands", type=int, default=8)
-    dedup.add_argument("--max-hamming", type=int, default=16)
-    dedup.add_argument("--max-cosine", type=float, default=0.04)
-    dedup.add_argument("--workers", type=int, default=0, help="processes that hash (default: one per core; on "
-                                                              "Ray, one task per free core of the cluster)")
+    # no defaults here: DedupOptions holds them, with the reasons
+    dedup.add_argument("--train-samples", type=int, help="crops the autoencoder trains on (default 50,000)")
+    dedup.add_argument("--train-steps", type=int, help="autoencoder Adam steps of 256 crops (default 3,000)")
+    dedup.add_argument("--bands", type=int, help="16-bit bands of the hash that bucket candidates (default 16)")
+    dedup.add_argument("--max-hamming", type=int, help="most hash bits a duplicate differs in (default 20)")
+    dedup.add_argument("--max-cosine", type=float, help="largest cosine distance of a duplicate's codes "
+                                                        "(default 0.06)")
+    dedup.add_argument("--workers", type=int, help="processes that hash (default: one per core; on Ray, one task "
+                                                   "per free core of the cluster)")
     dedup.add_argument("--address", help=ADDRESS_HELP)
-    dedup.add_argument("--part-size", type=int, default=2000, help="keys hashed per part (a process's or a Ray "
-                                                                  "task's unit of work)")
+    dedup.add_argument("--part-size", type=int, help="keys hashed per part, a process's or a Ray task's unit of "
+                                                     "work (default 2,000)")
     dedup.add_argument("--quiet", action="store_true")
     dedup.set_defaults(func=cmd_dedup)
 
@@ -191,4 +194,6 @@ def _add_sample_lsun(data: argparse._SubParsersAction) -> None:
     sample_lsun.add_argument("--exact-duplicates", type=int, default=0)
     sample_lsun.add_argument("--corrupt", type=int, default=0)
     sample_lsun.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    sample_lsun.add_argument("--photos", default="tuned", choices=["tuned", "held-out"],
+                             help="the photographs to cut from: those the dedup thresholds were tuned on, or others")
     sample_lsun.set_defaults(func=cmd_sample_lsun)

@@ -3,13 +3,14 @@
 A 3072-128-3072 ReLU autoencoder (32x32x3 centre crops in, the same out), trained as a
 denoising autoencoder (Gaussian input noise) with dropout on its code layer. Its 128 code
 activations, thresholded at each unit's median over the training sample, form a 128-bit hash
-of the image. Images are bucketed by bands of the hash (any of `bands` equal 128/bands-bit
-slices makes two images candidates, which keeps near-duplicates whose hash differs in a few
-bits together) and a candidate pair counts as a duplicate when its full hashes differ in at
-most `max_hamming` bits. Bucketing keeps the pass linear in the number of images, and each
-bucket is searched in fixed-size blocks, so memory does not grow with a bucket's size. Of each
-group of duplicates, the first key in source order is kept; the others are listed, with the
-key they duplicate, for `dcgan data convert --skip-keys`.
+of the image. Images are bucketed by bands of the hash: `bands` bands of 16 bits, eight
+disjoint ones per table of a fixed shuffle of the 128 bits, and sharing any band makes two
+images candidates, which keeps near-duplicates whose hash differs in a few bits together. A
+candidate pair counts as a duplicate when its full hashes differ in at most `max_hamming` bits
+and its real-valued codes are within `max_cosine` cosine distance. Bucketing keeps the pass
+linear in the number of images, and each bucket is searched in fixed-size blocks, so memory
+does not grow with a bucket's size. Of each group of duplicates, the first key in source order
+is kept; the others are listed, with the key they duplicate, for `dcgan data convert --skip-keys`.
 
 Exact duplicates (equal decoded pixels) are removed by conversion itself, always. Items that do
 not decode are left out of the search and listed with their reason (`skipped` in the list).
@@ -19,8 +20,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +64,10 @@ class DedupOptions:
     train_samples: int = 50_000
     train_steps: int = 3000  # Adam steps of 256 crops, whatever the sample size
     noise: float = 0.3
-    bands: int = 8
+    # two tables of eight 16-bit bands: on the sample photographs, recall of planted near-duplicates rose from
+    # 0.91 to 0.94 (0.80 to 0.84 on held-out ones) over one table, false positives unchanged. Looser thresholds find
+    # more and flag more unrelated images (benchmarks/dedup_quality.py prints the trade)
+    bands: int = 16
     max_hamming: int = 16
     max_cosine: float = 0.04
     workers: int = 0
@@ -70,21 +75,26 @@ class DedupOptions:
     part_size: int = 2000  # keys hashed per part: a few seconds of one core, cheap to retry
 
 
-def crop_vector(value: bytes | np.ndarray) -> np.ndarray:
-    """An item -> its 32x32x3 centre crop as 3072 floats in [0, 1]."""
+def crop_pixels(value: bytes | np.ndarray) -> np.ndarray:
+    """An item -> its 32x32x3 centre crop as 3072 uint8 pixels (a quarter of the floats' bytes: the
+    training sample of 50,000 is 150 MB)."""
     pixels = value if isinstance(value, np.ndarray) else decode_image(value, 3, CROP)
     if pixels.ndim == 2:
         pixels = pixels[..., None]
     if pixels.shape[2] == 1:
         pixels = np.repeat(pixels, 3, axis=2)
-    return center_crop_resize(pixels, CROP).reshape(-1).astype(np.float32) / 255.0
+    return center_crop_resize(pixels, CROP).reshape(-1)
+
+
+def _as_unit_floats(crops: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(crops).float().div_(255.0)
 
 
 def _read_all(source: Source, first_key: str, count: int, skipped: dict[str, str]) -> Iterator[tuple[str, np.ndarray]]:
     """(key, crop) of each item that decodes; the others land in `skipped` as key -> reason."""
     for key, value, _ in source.read(first_key, count):
         try:
-            crop = crop_vector(value)
+            crop = crop_pixels(value)
         except UndecodableImage as e:
             skipped[key] = str(e)
             continue
@@ -100,18 +110,24 @@ def _ranges(source: Source, size: int) -> list[tuple[str, int]]:
     return ranges
 
 
-def train_autoencoder(crops: np.ndarray, opts: DedupOptions) -> tuple[HashingAutoencoder, np.ndarray]:
-    """Fit the autoencoder on `crops` (N x 3072); returns it and each code unit's threshold."""
+def train_autoencoder(crops: np.ndarray, opts: DedupOptions, chunk: int = 4096
+                      ) -> tuple[HashingAutoencoder, np.ndarray]:
+    """Fit the autoencoder on `crops` (N x 3072 uint8 pixels); returns it and each code unit's threshold.
+    One float copy of the sample is held (the standardised one): the statistics are taken chunk by chunk."""
     torch.manual_seed(opts.seed)
     model = HashingAutoencoder()
-    data = torch.from_numpy(crops)
-    model.mean.copy_(data.mean(0))
-    model.std.copy_((data - model.mean).std())
+    chunks = [slice(i, i + chunk) for i in range(0, len(crops), chunk)]
+    mean = sum(_as_unit_floats(crops[c]).double().sum(0) for c in chunks) / len(crops)
+    squares = sum(((_as_unit_floats(crops[c]) - mean.float()) ** 2).double().sum() for c in chunks)
+    model.mean.copy_(mean)
+    model.std.copy_((squares / max(crops.size - 1, 1)).sqrt())
+    standardised = torch.empty(crops.shape, dtype=torch.float32)
+    for c in chunks:
+        standardised[c] = model.standardise(_as_unit_floats(crops[c]))
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(opts.seed)
-    standardised = model.standardise(data)
     for _ in range(opts.train_steps):
-        batch = standardised[torch.randint(len(data), (256,), generator=generator)]
+        batch = standardised[torch.randint(len(crops), (256,), generator=generator)]
         noisy = batch + opts.noise * torch.randn(batch.shape, generator=generator)
         loss = nn.functional.mse_loss(model(noisy), batch)
         optimiser.zero_grad()
@@ -119,15 +135,15 @@ def train_autoencoder(crops: np.ndarray, opts: DedupOptions) -> tuple[HashingAut
         optimiser.step()
     model.eval()
     with torch.no_grad():
-        codes = model.encode(data)
+        codes = torch.cat([model.encoder(standardised[c]) for c in chunks])
     return model, codes.median(dim=0).values.numpy()
 
 
 def hash_codes(model: HashingAutoencoder, thresholds: np.ndarray, crops: np.ndarray
                ) -> tuple[np.ndarray, np.ndarray]:
-    """N x 3072 crops -> (N x 16 uint8: the 128-bit hashes, N x 128 float16: unit-length codes)."""
+    """N x 3072 uint8 crops -> (N x 16 uint8: the 128-bit hashes, N x 128 float16: unit-length codes)."""
     with torch.no_grad():
-        codes = model.encode(torch.from_numpy(crops)).numpy()
+        codes = model.encode(_as_unit_floats(crops)).numpy()
     unit = codes / np.maximum(np.linalg.norm(codes, axis=1, keepdims=True), 1e-6)
     return np.packbits(codes > thresholds, axis=1), unit.astype(np.float16)
 
@@ -167,11 +183,22 @@ class SearchStats:
     pairs_found: int = 0
 
 
-def _band_ids(hashes: np.ndarray, band: int, bands: int) -> np.ndarray:
-    width = hashes.shape[1] * 8 // bands
-    bits = np.unpackbits(hashes, axis=1)[:, band * width:(band + 1) * width]
-    packed = np.ascontiguousarray(np.packbits(bits, axis=1))
-    return packed.view(np.dtype((np.void, packed.shape[1]))).ravel()
+BAND_BITS = 16  # 65,536 buckets a band: ~N^2 / 65,536 pairs to compare, 1.5e7 at a million images
+
+
+def _band_bits(band: int, code_bits: int = 128) -> np.ndarray:
+    """The hash bits of band `band`: table `band // 8` is a fixed shuffle of the bits (the first one none),
+    cut into eight disjoint bands. One table alone misses a pair whose differing bits hit all eight of its
+    bands (1 in 10 planted near-duplicates); a second, differently cut, catches most of those."""
+    per_table = code_bits // BAND_BITS
+    table, slot = divmod(band, per_table)
+    order = np.arange(code_bits) if table == 0 else np.random.default_rng(table).permutation(code_bits)
+    return order[slot * BAND_BITS:(slot + 1) * BAND_BITS]
+
+
+def _band_ids(hashes: np.ndarray, band: int) -> np.ndarray:
+    bits = np.unpackbits(hashes, axis=1)[:, _band_bits(band, hashes.shape[1] * 8)]
+    return np.ascontiguousarray(np.packbits(bits, axis=1, bitorder="little")).view(np.uint16).ravel()
 
 
 SMALL = 64  # buckets up to this size are searched together, by offset in the sorted order
@@ -246,15 +273,15 @@ def group_duplicates(keys: list[str], hashes: np.ndarray, codes: np.ndarray, opt
                      stats: SearchStats | None = None) -> dict[str, str]:
     """duplicate key -> the key it duplicates (the first of its group in `keys` order).
 
-    Two hashes that differ in d bits share at least one band whenever d < bands, and often for
-    larger d; a pair in a band bucket is a duplicate when its hashes differ in at most
+    Two hashes that differ in d bits share at least one band of the first table whenever d < 8, and
+    one of some table often for larger d; a pair in a band bucket is a duplicate when its hashes differ in at most
     `max_hamming` bits and its real-valued codes are within `max_cosine` cosine distance (the
     binarised code alone lets too many distinct images through). Buckets are searched in blocks
     (`_bucket_pairs`); `stats` receives what the search did."""
     stats = stats if stats is not None else SearchStats()
     parent = np.arange(len(keys))
     for band in range(opts.bands):
-        band_ids = _band_ids(hashes, band, opts.bands)
+        band_ids = _band_ids(hashes, band)
         order = np.argsort(band_ids, kind="stable")
         sorted_ids = band_ids[order]
         boundaries = np.flatnonzero(sorted_ids[1:] != sorted_ids[:-1]) + 1
@@ -297,18 +324,32 @@ class NearDuplicates(dict[str, str]):
     """duplicate key -> the key it duplicates, and `skipped`: key -> reason for each item that did
     not decode (left out of the search; conversion skips it again with the same reason)."""
 
-    def __init__(self, duplicates: dict[str, str], skipped: dict[str, str], search: SearchStats | None = None):
+    def __init__(self, duplicates: dict[str, str], skipped: dict[str, str], search: SearchStats | None = None,
+                 seconds: dict[str, float] | None = None):
         super().__init__(duplicates)
         self.skipped = skipped
         self.search = search or SearchStats()
+        self.seconds = seconds or {}  # wall time of each stage: where a larger set will spend its time
 
 
-def find_near_duplicates(source: Source, opts: DedupOptions, progress: bool = False,
-                         runner: PartRunner | None = None) -> NearDuplicates:
-    """The near-duplicates of `source`: the autoencoder trained here on a sample, every item hashed in parts by
-    `runner` (this machine's cores by default, or a Ray cluster), then the pair search here."""
+@dataclass
+class HashedSource:
+    """Every item of a source that decodes, in source order: keys, 128-bit hashes, unit-length codes."""
+
+    keys: list[str]
+    hashes: np.ndarray  # N x 16 uint8
+    codes: np.ndarray  # N x 128 float16
+    skipped: dict[str, str]  # key -> why it did not decode
+    seconds: dict[str, float] = field(default_factory=dict)  # "train" (sample decode included), "hash"
+
+
+def hash_source(source: Source, opts: DedupOptions, progress: bool = False,
+                runner: PartRunner | None = None) -> HashedSource:
+    """The autoencoder trained here on a sample of `source`, then every item hashed in parts by `runner` (this
+    machine's cores by default, or a Ray cluster)."""
     runner = runner or LocalParts(opts.workers)
     runner.check_paths(paths_of(source))
+    started = time.perf_counter()
     ranges = _ranges(source, opts.part_size)
     total = sum(c for _, c in ranges)
     # the training sample: evenly spaced slices of the key space, decoded in the main process
@@ -320,22 +361,33 @@ def find_near_duplicates(source: Source, opts: DedupOptions, progress: bool = Fa
         raise ConversionError(f"none of the {len(sample_skipped)} items sampled from {source.describe()} decode; "
                               f"first reason: {next(iter(sample_skipped.values()), 'none')}")
     model, thresholds = train_autoencoder(np.stack(sample), opts)
+    del sample
+    trained = time.perf_counter()
     parts: list = [None] * len(ranges)
     with tqdm(total=total, unit="img", desc="hashing", disable=not progress) as bar:
         for index, part in runner.run(_hash_range, (source, model.state_dict(), thresholds), ranges):
             parts[index] = part  # source order decides who is kept, whatever order the parts finish in
             bar.update(ranges[index][1])
-    keys = [k for part_keys, _, _, _ in parts for k in part_keys]
-    hashes = np.concatenate([h for _, h, _, _ in parts])
-    codes = np.concatenate([c for _, _, c, _ in parts])
-    skipped = {k: reason for *_, part_skipped in parts for k, reason in part_skipped.items()}
-    del parts
+    return HashedSource(keys=[k for part_keys, _, _, _ in parts for k in part_keys],
+                        hashes=np.concatenate([h for _, h, _, _ in parts]),
+                        codes=np.concatenate([c for _, _, c, _ in parts]),
+                        skipped={k: reason for *_, part_skipped in parts for k, reason in part_skipped.items()},
+                        seconds={"train": trained - started, "hash": time.perf_counter() - trained})
+
+
+def find_near_duplicates(source: Source, opts: DedupOptions, progress: bool = False,
+                         runner: PartRunner | None = None) -> NearDuplicates:
+    """The near-duplicates of `source`: `hash_source`, then the pair search here."""
+    hashed = hash_source(source, opts, progress, runner)
     stats = SearchStats()
-    return NearDuplicates(group_duplicates(keys, hashes, codes, opts, stats), skipped, stats)
+    started = time.perf_counter()
+    found = group_duplicates(hashed.keys, hashed.hashes, hashed.codes, opts, stats)
+    return NearDuplicates(found, hashed.skipped, stats, {**hashed.seconds, "search": time.perf_counter() - started})
 
 
 def write_duplicate_list(path: str | Path, duplicates: NearDuplicates, source: Source, opts: DedupOptions) -> None:
     data = {"source": source.describe(), "options": vars(opts), "search": asdict(duplicates.search),
+            "seconds": {stage: round(s, 1) for stage, s in duplicates.seconds.items()},
             "duplicates": [{"key": k, "of": v, "method": "semantic-hash"} for k, v in duplicates.items()],
             "skipped": [{"key": k, "reason": reason} for k, reason in duplicates.skipped.items()]}
     atomic_write_bytes(Path(path), json.dumps(data, indent=1).encode())

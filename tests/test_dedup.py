@@ -17,8 +17,8 @@ from data_shards.dedup import (
 from data_shards.sources import open_source
 
 
-def test_semantic_hashing_finds_planted_near_duplicates(lsun_lmdb, tmp_path):
-    path, planted = lsun_lmdb
+def _quality(path, planted) -> tuple[float, float]:
+    """(recall of the planted near-duplicates, false-positive rate) of the dedup pass over the LMDB at `path`."""
     source = open_source("lsun", path)
     found = find_near_duplicates(source, DedupOptions(train_samples=700, train_steps=300, workers=2))
     keys = list(source.scan_keys())
@@ -26,7 +26,21 @@ def test_semantic_hashing_finds_planted_near_duplicates(lsun_lmdb, tmp_path):
     # exact duplicates are near-duplicates too: leave them out of the false-positive count
     _, fpr = recall_and_false_positive_rate(found, {**planted.near_duplicates, **planted.exact_duplicates}, keys)
     print(f"near-duplicate recall {recall:.3f}, false-positive rate {fpr:.4f}")
+    return recall, fpr
+
+
+def test_semantic_hashing_finds_planted_near_duplicates(lsun_lmdb):
+    recall, fpr = _quality(*lsun_lmdb)
     assert recall >= 0.9 and fpr <= 0.02
+
+
+def test_the_thresholds_hold_on_photographs_they_were_not_tuned_on(tmp_path):
+    from data_shards.sample_lsun import build_sample_lsun
+
+    planted = build_sample_lsun(tmp_path / "held_out_lmdb", 600, near_duplicates=60, exact_duplicates=6, workers=2,
+                                photos="held-out")
+    recall, fpr = _quality(tmp_path / "held_out_lmdb", planted)
+    assert recall >= 0.85 and fpr <= 0.02
 
 
 def test_group_keeps_the_first_key_of_each_group():
