@@ -95,6 +95,8 @@ bench: setup  ## every benchmark; each prints a table and writes benchmarks/resu
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/convert_throughput.py
 	$(BIN)/python benchmarks/dedup_scale.py
+	$(BIN)/python benchmarks/dedup_quality.py
+	$(BIN)/python benchmarks/lsun_scale.py
 	$(BIN)/python benchmarks/loader_throughput.py
 	$(BIN)/python benchmarks/ray_overhead.py
 	$(BIN)/python benchmarks/metrics_overhead.py

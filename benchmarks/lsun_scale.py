@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import date
 from pathlib import Path
 
 import psutil
@@ -94,12 +95,12 @@ def build(folder: Path, n: int) -> tuple[Path, float, dict[str, str]]:
     return lmdb, time.perf_counter() - started, planted.near_duplicates
 
 
-def measure_size(folder: Path, n: int) -> dict:
+def measure_size(folder: Path, lmdb: Path, build_s: float, near: dict[str, str]) -> dict:
     from data_shards.dedup import recall_and_false_positive_rate
     from data_shards.manifest import read_manifest
     from data_shards.sources import open_source
 
-    lmdb, build_s, near = build(folder, n)
+    n = int(lmdb.name.rpartition("-")[2])
     entries = open_source("lsun", lmdb).describe()["entries"]
     print(f"{entries:,} entries built in {build_s:.0f} s", flush=True)
     dups = folder / f"dups-{n}.json"
@@ -117,8 +118,8 @@ def measure_size(folder: Path, n: int) -> dict:
     print(f"convert: {convert_s:.0f} s, {manifest.total:,} samples", flush=True)
     shutil.rmtree(shards)
     lmdb_bytes = sum(p.stat().st_size for p in lmdb.iterdir())
-    shutil.rmtree(lmdb)
-    return {"entries": entries, "build_s": build_s, "lmdb_bytes_per_image": lmdb_bytes / entries,
+    return {"date": date.today().isoformat(), "entries": entries, "dedup_seconds_by_stage": listed["seconds"],
+            "build_s": build_s, "lmdb_bytes_per_image": lmdb_bytes / entries,
             "dedup_s": dedup_s, **{f"dedup_{k}": v for k, v in dedup_mem.items()},
             "largest_bucket": listed["search"]["largest_bucket"], "pairs_compared": listed["search"]["pairs_compared"],
             "windowed_buckets": listed["search"]["windowed_buckets"], "near_duplicates_found": len(found),
@@ -128,11 +129,11 @@ def measure_size(folder: Path, n: int) -> dict:
             "convert_img_per_s_per_core": entries / convert_s / (psutil.cpu_count() or 1)}
 
 
-def measure_ray(folder: Path, n: int) -> list[dict]:
+def measure_ray(folder: Path, lmdb: Path) -> list[dict]:
     """The same conversion in this machine's processes and as Ray tasks on a local Ray cluster of its cores."""
     from cluster.testing.local_head import LocalRayHead
 
-    lmdb, _, _ = build(folder, n)
+    n = int(lmdb.name.rpartition("-")[2])
     cores = psutil.cpu_count() or 1
     rows = []
     with LocalRayHead(num_cpus=cores) as head:
@@ -140,13 +141,13 @@ def measure_ray(folder: Path, n: int) -> list[dict]:
             out = folder / f"ray-{where.split()[0]}"
             seconds, memory, _ = timed(["data", "convert", "--source", "lsun", "--input", str(lmdb), "--out", str(out),
                                         "--resolution", "64", "--encoding", "jpeg", "--quiet", *extra], env=head.env)
-            rows.append({"where": where, "entries": n, "seconds": seconds, "img_per_s_per_core": n / seconds / cores,
+            rows.append({"date": date.today().isoformat(), "where": where, "entries": n, "seconds": seconds,
+                         "img_per_s_per_core": n / seconds / cores,
                          **memory})
             print(f"convert in {where}: {seconds:.0f} s", flush=True)
             shutil.rmtree(out)
     rows[1]["relative"] = rows[1]["img_per_s_per_core"] / rows[0]["img_per_s_per_core"]
     rows[0]["relative"] = 1.0
-    shutil.rmtree(lmdb)
     return rows
 
 
@@ -154,18 +155,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="100000,1000000")
     parser.add_argument("--ray-size", type=int, default=100_000, help="entries converted both ways (0: skip)")
+    parser.add_argument("--merge", action="store_true", help="keep the rows of sizes not measured now")
     parser.add_argument("--keep", type=Path, help="build in this folder (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "lsun_scale.json",
                         help="the sizes' JSON; the Ray comparison goes beside it, as NAME_ray.json")
     args = parser.parse_args()
     folder = args.keep or Path(tempfile.mkdtemp(prefix="lsun-scale-"))
     folder.mkdir(parents=True, exist_ok=True)
+    rows, ray_rows = [], []
     try:
-        ray_rows = measure_ray(folder, args.ray_size) if args.ray_size else []
-        rows = [measure_size(folder, int(n)) for n in args.sizes.split(",") if n]
+        for n in sorted({int(n) for n in args.sizes.split(",") if n} | ({args.ray_size} if args.ray_size else set())):
+            lmdb, build_s, near = build(folder, n)
+            if n == args.ray_size:
+                ray_rows = measure_ray(folder, lmdb)
+            if str(n) in args.sizes.split(","):
+                rows.append(measure_size(folder, lmdb, build_s, near))
+            shutil.rmtree(lmdb)
     finally:
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
+    if args.merge and args.out.is_file():  # sizes measured before (each row has its date) and not now
+        earlier = json.loads(args.out.read_text())
+        rows += [{"date": earlier["date"], **row} for row in earlier["rows"]
+                 if row["entries"] not in {r["entries"] for r in rows}]
+        rows.sort(key=lambda row: row["entries"])
     if rows:
         print_table("dedup + convert of an LSUN-format LMDB (64 px JPEG entries)",
                     [("entries", "entries", ",d"), ("dedup s", "dedup_s", ".0f"),

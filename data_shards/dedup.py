@@ -181,6 +181,7 @@ class SearchStats:
     windowed_members: int = 0
     pairs_compared: int = 0  # in buckets over SMALL members; the small ones cost one pass per offset
     pairs_found: int = 0
+    joined_buckets_skipped: int = 0  # buckets over SMALL members all of one group already: nothing to search
 
 
 BAND_BITS = 16  # 65,536 buckets a band: ~N^2 / 65,536 pairs to compare, 1.5e7 at a million images
@@ -288,13 +289,25 @@ def group_duplicates(keys: list[str], hashes: np.ndarray, codes: np.ndarray, opt
         sizes = np.diff(np.concatenate([[0], boundaries, [len(order)]]))
         stats.largest_bucket = max(stats.largest_bucket, int(sizes.max(initial=0)))
         large = [members for members in np.split(order, boundaries) if len(members) > SMALL]
+        # lazily: whether a bucket is already one group is asked when its turn comes, after the unions before it
         searches = itertools.chain(_small_bucket_pairs(order, sorted_ids, sizes, hashes, codes, opts),
-                                   *(_bucket_pairs(members, hashes, codes, opts, stats) for members in large))
+                                   itertools.chain.from_iterable(
+                                       _bucket_pairs(members, hashes, codes, opts, stats) for members in large
+                                       if not _one_group(parent, members, stats)))
         for a, b in searches:
             stats.pairs_found += len(a)
             _union(parent, a, b)
     roots = _roots(parent, np.arange(len(keys)))
     return {keys[i]: keys[root] for i, root in enumerate(roots.tolist()) if root != i}
+
+
+def _one_group(parent: np.ndarray, members: np.ndarray, stats: SearchStats) -> bool:
+    """Whether a bucket's members were all joined already (in an earlier band): then no pair of it can change
+    the groups. A degenerate bucket (blank frames) comes back in every band; searched once, not 16 times."""
+    roots = _roots(parent, members)
+    joined = bool((roots == roots[0]).all())
+    stats.joined_buckets_skipped += joined
+    return joined
 
 
 def _roots(parent: np.ndarray, x: np.ndarray) -> np.ndarray:

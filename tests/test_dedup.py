@@ -110,3 +110,18 @@ def test_a_degenerate_bucket_is_searched_by_neighbours_in_flat_memory_never_skip
     assert stats.largest_bucket == 25_000 and stats.windowed_buckets == 1 and stats.windowed_members == 25_000
     # all pairs of one 25,000-member bucket at once would take 25,000^2 x 16 bytes = 10 GB
     assert peak < 200 * 2**20, f"peak {peak / 2**20:.0f} MiB"
+
+
+def test_a_bucket_already_one_group_is_not_searched_again_in_later_bands():
+    """Blank frames share every band: searched in the first, one group from then on, skipped in the other 15."""
+    rng = np.random.default_rng(2)
+    n = 3_000
+    codes = (np.ones((n, 128)) + 1e-3 * rng.standard_normal((n, 128))).astype(np.float32)
+    codes = (codes / np.linalg.norm(codes, axis=1, keepdims=True)).astype(np.float16)
+    hashes = np.zeros((n, 16), np.uint8)
+    keys = [f"{i:05d}" for i in range(n)]
+    stats = SearchStats()
+    found = group_duplicates(keys, hashes, codes, DedupOptions(), stats)
+    assert found == {k: keys[0] for k in keys[1:]}
+    assert stats.joined_buckets_skipped == DedupOptions().bands - 1
+    assert stats.pairs_compared < 2 * n * n  # one band's blocks (1,024 x 1,024 each), not sixteen
