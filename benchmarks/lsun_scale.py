@@ -7,8 +7,9 @@ The LMDBs are made by `dcgan data sample-lsun` with small images (64 px shorter 
 manifest), not LSUN's 256 px decode, whose per-core rate `convert_throughput.py` measures. N/100
 planted near-duplicates give the recall at each size.
 
-Memory is sampled every 0.2 s over the command's process tree (psutil RSS; a forked worker's pages
-shared with its parent count in both, so the total is an upper bound).
+Memory is sampled every 0.2 s over the command's process tree: anonymous memory (RSS less the
+file-backed pages, of which the memory-mapped LMDB is most) and RSS. A forked worker's pages
+shared with its parent count in both, so the tree's total is an upper bound.
 
     python benchmarks/lsun_scale.py [--sizes 100000,1000000] [--ray-size 100000] [--keep FOLDER]
 """
@@ -35,25 +36,28 @@ from benchmarks.report import print_table, settings_of, write_result  # noqa: E4
 
 
 class TreeMemory(threading.Thread):
-    """Peak RSS of a process and each of its descendants, sampled until the process ends."""
+    """Peak memory of a process and each of its descendants, sampled until the process ends: RSS, and
+    anonymous memory (RSS less file-backed pages). The LMDB is memory-mapped: pages of it that were read
+    count in RSS, though the kernel drops them under pressure; anonymous memory is what can run out."""
 
     def __init__(self, pid: int, interval_s: float = 0.2):
         super().__init__(daemon=True)
         self.root, self.interval_s = psutil.Process(pid), interval_s
-        self.peak: dict[int, tuple[str, int]] = {}  # pid -> (role, peak RSS bytes)
-        self.peak_total = 0
+        self.peak: dict[int, tuple[int, int]] = {}  # pid -> (peak RSS, peak anonymous) in bytes
+        self.peak_total = 0  # anonymous, all processes at one moment
 
     def run(self) -> None:
         while self.root.is_running() and self.root.status() != psutil.STATUS_ZOMBIE:
             total = 0
             for p in [self.root, *self._children()]:
                 try:
-                    rss = p.memory_info().rss
-                    role = "driver" if p.pid == self.root.pid else " ".join(p.cmdline()[:1]).rpartition("/")[2]
+                    info = p.memory_info()
                 except psutil.Error:
                     continue
-                total += rss
-                self.peak[p.pid] = (role, max(rss, self.peak.get(p.pid, ("", 0))[1]))
+                anonymous = info.rss - info.shared
+                total += anonymous
+                rss, anon = self.peak.get(p.pid, (0, 0))
+                self.peak[p.pid] = (max(rss, info.rss), max(anon, anonymous))
             self.peak_total = max(self.peak_total, total)
             time.sleep(self.interval_s)
 
@@ -64,9 +68,11 @@ class TreeMemory(threading.Thread):
             return []
 
     def summary(self) -> dict[str, float]:
-        driver = max((rss for pid, (_, rss) in self.peak.items() if pid == self.root.pid), default=0)
-        others = [rss for pid, (_, rss) in self.peak.items() if pid != self.root.pid]
-        return {"driver_peak_mib": driver / 2**20, "worker_peak_mib": max(others, default=0) / 2**20,
+        driver_rss, driver_anon = self.peak.get(self.root.pid, (0, 0))
+        others = [peaks for pid, peaks in self.peak.items() if pid != self.root.pid]
+        return {"driver_peak_mib": driver_anon / 2**20, "driver_peak_rss_mib": driver_rss / 2**20,
+                "worker_peak_mib": max((anon for _, anon in others), default=0) / 2**20,
+                "worker_peak_rss_mib": max((rss for rss, _ in others), default=0) / 2**20,
                 "processes": len(self.peak), "tree_peak_mib": self.peak_total / 2**20}
 
 
@@ -86,10 +92,13 @@ def timed(args: list[str], env: dict | None = None) -> tuple[float, dict, str]:
 
 
 def build(folder: Path, n: int) -> tuple[Path, float, dict[str, str]]:
-    from data_shards.sample_lsun import build_sample_lsun
+    """The LMDB of `n` images in `folder` and its planted near-duplicates; one built before (--keep) is reused."""
+    from data_shards.sample_lsun import build_sample_lsun, planted_near_duplicates
 
     started = time.perf_counter()
     lmdb = folder / f"lsun-{n}"
+    if (lmdb / "data.mdb").is_file():
+        return lmdb, 0.0, planted_near_duplicates(n, n // 100)
     planted = build_sample_lsun(lmdb, n, image_format="JPEG", short_side=64, near_duplicates=n // 100,
                                 exact_duplicates=n // 1000, workers=psutil.cpu_count() or 1)
     return lmdb, time.perf_counter() - started, planted.near_duplicates
@@ -102,13 +111,13 @@ def measure_size(folder: Path, lmdb: Path, build_s: float, near: dict[str, str])
 
     n = int(lmdb.name.rpartition("-")[2])
     entries = open_source("lsun", lmdb).describe()["entries"]
-    print(f"{entries:,} entries built in {build_s:.0f} s", flush=True)
+    print(f"{entries:,} entries" + (f" built in {build_s:.0f} s" if build_s else ", built before"), flush=True)
     dups = folder / f"dups-{n}.json"
     dedup_s, dedup_mem, _ = timed(["data", "dedup", "--input", str(lmdb), "--out", str(dups), "--quiet"])
     listed = json.loads(dups.read_text())
     found = {d["key"]: d["of"] for d in listed["duplicates"]}
     recall, _ = recall_and_false_positive_rate(found, near, [])
-    print(f"dedup: {dedup_s:.0f} s, driver peak {dedup_mem['driver_peak_mib']:.0f} MiB", flush=True)
+    print(f"dedup: {dedup_s:.0f} s, driver peak {dedup_mem['driver_peak_mib']:.0f} MiB anonymous", flush=True)
     shards = folder / f"shards-{n}"
     convert_s, convert_mem, _ = timed(["data", "convert", "--source", "lsun", "--input", str(lmdb), "--out",
                                        str(shards), "--resolution", "64", "--encoding", "jpeg", "--skip-keys",
@@ -156,7 +165,8 @@ def main() -> None:
     parser.add_argument("--sizes", default="100000,1000000")
     parser.add_argument("--ray-size", type=int, default=100_000, help="entries converted both ways (0: skip)")
     parser.add_argument("--merge", action="store_true", help="keep the rows of sizes not measured now")
-    parser.add_argument("--keep", type=Path, help="build in this folder (default: a temporary one)")
+    parser.add_argument("--keep", type=Path, help="build in this folder and keep the LMDBs, or reuse those found "
+                                                  "there (default: a temporary folder)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "lsun_scale.json",
                         help="the sizes' JSON; the Ray comparison goes beside it, as NAME_ray.json")
     args = parser.parse_args()
@@ -170,7 +180,8 @@ def main() -> None:
                 ray_rows = measure_ray(folder, lmdb)
             if str(n) in args.sizes.split(","):
                 rows.append(measure_size(folder, lmdb, build_s, near))
-            shutil.rmtree(lmdb)
+            if not args.keep:
+                shutil.rmtree(lmdb)
     finally:
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
@@ -180,9 +191,10 @@ def main() -> None:
                  if row["entries"] not in {r["entries"] for r in rows}]
         rows.sort(key=lambda row: row["entries"])
     if rows:
-        print_table("dedup + convert of an LSUN-format LMDB (64 px JPEG entries)",
+        print_table("dedup + convert of an LSUN-format LMDB (64 px JPEG entries; memory: peak anonymous, RSS beside)",
                     [("entries", "entries", ",d"), ("dedup s", "dedup_s", ".0f"),
                      ("dedup driver MiB", "dedup_driver_peak_mib", ".0f"),
+                     ("(RSS)", "dedup_driver_peak_rss_mib", ".0f"),
                      ("dedup worker MiB", "dedup_worker_peak_mib", ".0f"),
                      ("largest bucket", "largest_bucket", ",d"), ("recall", "planted_recall", ".3f"),
                      ("convert s", "convert_s", ".0f"), ("convert driver MiB", "convert_driver_peak_mib", ".0f"),

@@ -128,6 +128,12 @@ def _original(job: tuple[int, int, str, int, str]) -> bytes:
     return _encode(image, image_format, int(rng.integers(75, 95)))
 
 
+def planted_near_duplicates(n: int, near_duplicates: int) -> dict[str, str]:
+    """copy key -> original key of the near-duplicates `build_sample_lsun(out, n, near_duplicates=...)` plants
+    (the same whatever the seed: keys follow the item's place)."""
+    return {_key(n + j): _key(j) for j in range(near_duplicates)}
+
+
 def build_sample_lsun(out: str | Path, n: int, *, seed: int = 0, image_format: str = "WEBP", short_side: int = 256,
                       near_duplicates: int = 0, exact_duplicates: int = 0, corrupt: int = 0,
                       workers: int = 1, photos: str = "tuned") -> Planted:
