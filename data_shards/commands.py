@@ -172,9 +172,9 @@ def _add_dedup(data: argparse._SubParsersAction) -> None:
     dedup.add_argument("--train-samples", type=int, help="crops the autoencoder trains on (default 50,000)")
     dedup.add_argument("--train-steps", type=int, help="autoencoder Adam steps of 256 crops (default 3,000)")
     dedup.add_argument("--bands", type=int, help="16-bit bands of the hash that bucket candidates (default 16)")
-    dedup.add_argument("--max-hamming", type=int, help="most hash bits a duplicate differs in (default 20)")
+    dedup.add_argument("--max-hamming", type=int, help="most hash bits a duplicate differs in (default 16)")
     dedup.add_argument("--max-cosine", type=float, help="largest cosine distance of a duplicate's codes "
-                                                        "(default 0.06)")
+                                                        "(default 0.04)")
     dedup.add_argument("--workers", type=int, help="processes that hash (default: one per core; on Ray, one task "
                                                    "per free core of the cluster)")
     dedup.add_argument("--address", help=ADDRESS_HELP)

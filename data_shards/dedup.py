@@ -117,13 +117,15 @@ def train_autoencoder(crops: np.ndarray, opts: DedupOptions, chunk: int = 4096
     torch.manual_seed(opts.seed)
     model = HashingAutoencoder()
     chunks = [slice(i, i + chunk) for i in range(0, len(crops), chunk)]
-    mean = sum(_as_unit_floats(crops[c]).double().sum(0) for c in chunks) / len(crops)
-    squares = sum(((_as_unit_floats(crops[c]) - mean.float()) ** 2).double().sum() for c in chunks)
-    model.mean.copy_(mean)
-    model.std.copy_((squares / max(crops.size - 1, 1)).sqrt())
+    # one float copy, standardised in place; the sums are taken chunk by chunk, in float64
     standardised = torch.empty(crops.shape, dtype=torch.float32)
     for c in chunks:
-        standardised[c] = model.standardise(_as_unit_floats(crops[c]))
+        standardised[c] = _as_unit_floats(crops[c])
+    model.mean.copy_(sum(standardised[c].double().sum(0) for c in chunks) / len(crops))
+    standardised -= model.mean
+    squares = sum((standardised[c].double() ** 2).sum() for c in chunks)
+    model.std.copy_((squares / max(standardised.numel() - 1, 1)).sqrt())
+    standardised /= model.std
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(opts.seed)
     for _ in range(opts.train_steps):
