@@ -17,6 +17,7 @@ from pathlib import Path
 
 from cluster import commands as cluster_commands
 from cluster.stop_signals import stop_signals_unwind, stopped_by
+from common.arguments import InputError, non_negative_int
 from data_shards import commands as data_commands
 from evaluation import commands as evaluation_commands
 
@@ -28,7 +29,14 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"  # beside the pa
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Failures caused by input (config, files, data) that deserve one line, not a traceback."""
-    return (*cluster_commands.user_errors(), *data_commands.user_errors(), *evaluation_commands.user_errors())
+    return (InputError, *cluster_commands.user_errors(), *data_commands.user_errors(),
+            *evaluation_commands.user_errors())
+
+
+def _denied(error: PermissionError) -> str:
+    """A folder or file the user's account may not use: a fact about the input, not about the program."""
+    where = " -> ".join(str(name) for name in (error.filename, error.filename2) if name)
+    return f"{where}: permission denied" if where else f"permission denied ({error})"
 
 
 def _benchmark_names() -> list[str]:
@@ -69,9 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dcgan", usage="dcgan [-h] COMMAND ...", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     # the deepspeed launcher passes --local_rank before the sub-command; LOCAL_RANK carries it too
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--local_rank", type=non_negative_int(), default=None, help=argparse.SUPPRESS)
     # the epilog lists every command, sub-commands included; argparse's own list would stop at `data`
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help=argparse.SUPPRESS)
+    # prog: without it each command's usage would start with the custom usage above, `dcgan [-h] COMMAND ... train`
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help=argparse.SUPPRESS,
+                                prog="dcgan")
     cluster_commands.register(sub)
     evaluation_commands.register(sub)
     cluster_commands.register_monitor(sub)
@@ -94,6 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with stop_signals_unwind():
             return args.func(args)
+    except PermissionError as e:  # first: the user errors' classes import torch, seconds a one-liner need not wait
+        print(f"dcgan: error: {_denied(e)}", file=sys.stderr)
+        return 2
     except _user_errors() as e:
         print(f"dcgan: error: {e}", file=sys.stderr)
         return 2

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 from cluster.stop_signals import stopped_by
+from common.arguments import Checked, integer, non_negative_int, positive_int, readable_path
 
 TORCHRUN_GRACE_S = 45.0  # torchrun gives its ranks 30 s after relaying the signal, then kills them
 
@@ -124,29 +126,41 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         stop_prometheus(process)
 
 
+# Prometheus's duration syntax (units largest first, each at most once), e.g. 5s, 1m30s, 500ms; zero refused
+_DURATION = re.compile(r"(?:\d+y)?(?:\d+w)?(?:\d+d)?(?:\d+h)?(?:\d+m)?(?:\d+s)?(?:\d+ms)?")
+prometheus_duration = Checked(
+    lambda text: text if _DURATION.fullmatch(text) and re.search(r"[1-9]", text) else None,
+    "a Prometheus duration such as 5s, 1m30s or 500ms", accepts=lambda v: v is not None,
+    refused=("5", "5 seconds", "0s", "", "1.5s", "s5"))
+# free_port_from tries the port and the 99 above it: all of them must be ports
+monitor_port = integer(1, 65535 - 99, why="the 99 ports above it are tried too")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     train = sub.add_parser("train", help="train G and D (one process, or --nproc N ranks)")
-    train.add_argument("--config", type=Path, help="TOML preset, e.g. configs/fashion-mnist-32.toml")
+    train.add_argument("--config", type=readable_path, help="TOML preset, e.g. configs/fashion-mnist-32.toml")
     train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override one config value (repeatable), e.g. --set optim.lr=1e-4")
-    train.add_argument("--resume", metavar="PATH", help="a run folder or one checkpoint folder to continue from; "
-                                                        "'auto': the run folder's newest checkpoint, if any")
+    train.add_argument("--resume", metavar="PATH", type=readable_path,
+                       help="a run folder or one checkpoint folder to continue from; "
+                            "'auto': the run folder's newest checkpoint, if any")
     train.add_argument("--launcher", choices=["ray", "torchrun"], default="ray",
                        help="ray (default): a Ray Train worker group, on a local Ray or the cluster at --address; "
                             "torchrun: --nproc ranks on this machine (1: in this process)")
-    train.add_argument("--workers", type=int, default=0, help="Ray workers (same as --set cluster.workers=N; "
-                                                               "default: one per GPU, or one per node on CPUs)")
+    train.add_argument("--workers", type=non_negative_int(), default=0,
+                       help="Ray workers (same as --set cluster.workers=N; "
+                            "default: one per GPU, or one per node on CPUs)")
     train.add_argument("--address", help="Ray cluster to join, HEAD:6379 (default: RAY_ADDRESS, else a local Ray)")
-    train.add_argument("--nproc", type=int, default=1, help="torchrun ranks on this machine")
+    train.add_argument("--nproc", type=positive_int(), default=1, help="torchrun ranks on this machine")
     train.set_defaults(func=cmd_train)
 
 
 def register_monitor(sub: argparse._SubParsersAction) -> None:
     monitor = sub.add_parser("monitor", help="a local Prometheus scraping every rank of the runs beside run_dir")
-    monitor.add_argument("--config", type=Path, help="the training preset (for logging.run_dir, metrics.*)")
+    monitor.add_argument("--config", type=readable_path, help="the training preset (for logging.run_dir, metrics.*)")
     monitor.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     monitor.add_argument("--host", default="127.0.0.1", help="address Prometheus listens on")
-    monitor.add_argument("--port", type=int, default=9090, help="first port to try")
-    monitor.add_argument("--scrape-interval", default="5s")
+    monitor.add_argument("--port", type=monitor_port, default=9090, help="first port to try")
+    monitor.add_argument("--scrape-interval", type=prometheus_duration, default="5s")
     monitor.add_argument("--data", help="Prometheus's storage (default: beside the runs, prometheus/data)")
     monitor.set_defaults(func=cmd_monitor)

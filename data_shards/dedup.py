@@ -366,6 +366,9 @@ def hash_source(source: Source, opts: DedupOptions, progress: bool = False,
     runner.check_paths(paths_of(source))
     started = time.perf_counter()
     ranges = _ranges(source, opts.part_size)
+    if not ranges:  # an empty folder or LMDB: nothing to train the autoencoder on, nothing to hash
+        described = source.describe()
+        raise ConversionError(f"the {described.get('kind', '')} source {described.get('path', '')} holds no items")
     total = sum(c for _, c in ranges)
     # the training sample: evenly spaced slices of the key space, decoded in the main process
     take = min(opts.train_samples, total)

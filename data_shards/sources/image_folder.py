@@ -11,6 +11,11 @@ from pathlib import Path
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
+def _refuse(error: OSError) -> None:
+    # os.walk skips a folder it cannot list by default: a class would silently go missing
+    raise error
+
+
 class ImageFolder:
     kind = "folder"
 
@@ -24,7 +29,8 @@ class ImageFolder:
         # stable order to split by.
         self.files = sorted(
             str(Path(dirpath, f).relative_to(root))
-            for dirpath, _, files in os.walk(root) for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES)
+            for dirpath, _, files in os.walk(root, onerror=_refuse)
+            for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES)
         tops = {Path(f).parts[0] for f in self.files if len(Path(f).parts) > 1}
         in_subfolders = all(len(Path(f).parts) > 1 for f in self.files)
         self.classes = sorted(tops) if in_subfolders and tops else []
