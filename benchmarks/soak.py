@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -39,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.report import print_table, settings_of, write_result  # noqa: E402
+from cluster.ray_checkpointer import staged_folders  # noqa: E402
 from trainer.checkpoint import list_checkpoints  # noqa: E402
 from trainer.checkpoint_io import safe_load  # noqa: E402
 
@@ -84,7 +84,7 @@ def being_written(launcher: str, run_dir: Path, step: int) -> bool:
     """Whether checkpoint `step` is being written now: the trainer assembles it in a temporary folder
     beside the final one; a Ray worker stages its part in the temp directory before Ray uploads it."""
     if launcher == "ray":
-        return any(Path(tempfile.gettempdir()).glob(f"dcgan-checkpoint-*/step-{step:08d}"))
+        return any((staged / f"step-{step:08d}").exists() for staged in staged_folders(str(run_dir)))
     return (run_dir / "checkpoints" / f".tmp-step-{step:08d}").exists()
 
 
@@ -132,14 +132,14 @@ def run_with_kills(args: list[str], run_dir: Path, launcher: str, plan: list[tup
             landed = phase if phase == "training" else (
                 "writing a checkpoint" if being_written(launcher, run_dir, step) else "just after a checkpoint")
             hits.append({"planned_step": step, "step_seen": last_step(run_dir), "phase": landed})
-            for staged in Path(tempfile.gettempdir()).glob("dcgan-checkpoint-*"):  # what the killed worker left
-                shutil.rmtree(staged, ignore_errors=True)
             if launcher == "torchrun":
                 proc = subprocess.Popen([*args, "--resume", "auto"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
             hits[-1]["kill_to_restart_s"] = time.monotonic() - killed_at
         if proc.wait(timeout=1200):
             raise RuntimeError(f"the faulty run failed: see {log.name}")
+        if left := staged_folders(str(run_dir)):  # the run removes what its killed workers staged
+            raise RuntimeError(f"the faulty run left its staged checkpoint parts: {', '.join(map(str, left))}")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -16,12 +16,10 @@ import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from cluster.scaling import WorkerPlan, plan_workers, shortfall
-from cluster.testing.faults import InjectedFault
 from common.ray_address import check_reachable, in_ray_job
 from trainer.config import Config, ConfigError
 
@@ -207,9 +205,7 @@ def train_on_ray(cfg: Config, resume: str | None, address: str | None) -> dict[s
         check_worker_count(cfg, plan, resume or continues)
         print(f"dcgan: {plan.workers} Ray worker(s) x {plan.resources()}; checkpoints in "
               f"{storage_root(cfg).rstrip('/')}/{CHECKPOINTS}", flush=True)
-        fault = InjectedFault.from_env()
-        job = {"config": cfg.to_dict(), "threads": plan.threads, "resume": resume,
-               "fault": asdict(fault) if fault else None}
+        job = {"config": cfg.to_dict(), "threads": plan.threads, "resume": resume}
         trainer = TorchTrainer(
             train_worker, train_loop_config=job,
             scaling_config=ScalingConfig(num_workers=plan.workers, use_gpu=bool(plan.gpus_per_worker),
@@ -235,6 +231,14 @@ def train_on_ray(cfg: Config, resume: str | None, address: str | None) -> dict[s
         return dict(result.metrics or {})
     finally:
         ray.shutdown()
+        _remove_stale_staging(cfg)
+
+
+def _remove_stale_staging(cfg: Config) -> None:
+    """A worker killed mid-save, and not restarted after, left its staged part on its node: this one's."""
+    from cluster.ray_checkpointer import remove_stale_staging
+
+    remove_stale_staging(storage_root(cfg))
 
 
 def _newest_checkpoint(cfg: Config) -> str:

@@ -10,7 +10,6 @@ import ray.train
 import torch
 
 from cluster.ray_checkpointer import RayCheckpointer
-from cluster.testing.faults import InjectedFault
 from trainer.checkpoint import read_meta
 from trainer.config import config_from_dict
 from trainer.distributed import init_distributed
@@ -18,7 +17,7 @@ from trainer.loop import Trainer
 
 
 def train_worker(job: dict[str, Any]) -> None:
-    """`job`: the resolved config, the worker's thread count, an optional first checkpoint and fault."""
+    """`job`: the resolved config, the worker's thread count and an optional first checkpoint."""
     torch.set_num_threads(job["threads"])
     cfg = config_from_dict(job["config"])
     # TorchTrainer has already formed the process group (ranks = Ray world ranks); DeepSpeed joins it
@@ -34,8 +33,6 @@ def train_worker(job: dict[str, Any]) -> None:
             if ctx.is_main:
                 where = restored.path if start == folder else start
                 print(f"resumed from step {trainer.state.step} ({where})", flush=True)
-    if job.get("fault"):
-        trainer.step_hooks.append(InjectedFault(**job["fault"]).hook(cfg.logging.run_dir))
     state = trainer.fit()
     ray.train.report({"step": state.step, "epoch": state.epoch, "finished": True})
 

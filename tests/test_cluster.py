@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import psutil
 import pytest
 from conftest import RAY_REDIRECTS, ROOT, child_env, run_dcgan, tiny_train_args
 
+from cluster.ray_checkpointer import remove_stale_staging, staged_folders, staging_prefix
 from cluster.scaling import WorkerPlan, plan_workers, shortfall
 from cluster.testing.local_head import LocalRayHead
 from common.ports import free_port
@@ -75,8 +77,8 @@ def test_a_ray_address_in_the_callers_environment_reaches_no_ray_the_tests_start
     """The real proof is the embedded-Ray run below, which trains with RAY_ADDRESS pointing nowhere."""
     for name in RAY_REDIRECTS:
         monkeypatch.setenv(name, "127.0.0.1:1")
-    env = child_env({"DCGAN_FAIL_AT_STEP": "8"})
-    assert not set(RAY_REDIRECTS) & env.keys() and env["DCGAN_FAIL_AT_STEP"] == "8"
+    env = child_env({"OMP_NUM_THREADS": "3"})
+    assert not set(RAY_REDIRECTS) & env.keys() and env["OMP_NUM_THREADS"] == "3"
     assert child_env({"RAY_ADDRESS": "10.0.0.1:6379"})["RAY_ADDRESS"] == "10.0.0.1:6379"  # a test's own choice stands
     assert "RAY_ADDRESS" not in LocalRayHead().env  # the head's `ray start` and `ray job` calls: their own address
 
@@ -114,30 +116,123 @@ def test_a_job_with_a_relative_run_folder_is_refused(ray_head, fashion_shards):
     assert "logging.run_dir = 'runs/fashion-mnist-32' is relative" in res.stdout + res.stderr
 
 
+def test_a_dead_workers_staged_checkpoint_is_removed_and_no_live_or_other_runs_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where gettempdir() points, in this process
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    zombie = subprocess.Popen(["true"])  # exited, not yet reaped: dead too
+    _wait_until(lambda: psutil.Process(zombie.pid).status() == psutil.STATUS_ZOMBIE)
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        folders = {name: tmp_path / f"{staging_prefix(root)}rank{rank}-pid{pid}-x{rank}"
+                   for name, root, rank, pid in [("dead", "/runs/a", 0, dead.pid), ("zombie", "/runs/a", 1, zombie.pid),
+                                                 ("live", "/runs/a", 2, live.pid), ("other", "/runs/b", 0, dead.pid)]}
+        for folder in folders.values():
+            (folder / "step-00000005").mkdir(parents=True)
+        assert staged_folders("/runs/a") == sorted(folders[n] for n in ("dead", "zombie", "live"))
+        remove_stale_staging("/runs/a")
+        assert [n for n, f in folders.items() if f.is_dir()] == ["live", "other"]
+    finally:
+        live.kill()
+        live.wait()
+        zombie.wait()
+
+
+def _wait_until(condition, timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+EVERY = 5  # checkpoint.every_steps of the restart test
+
+
+def _registered_step(run: Path) -> int | None:
+    """The newest checkpoint Ray has registered, from its run record: what it hands a restarted group."""
+    try:
+        record = json.loads((run / "checkpoints" / "checkpoint_manager_snapshot.json").read_text())
+        latest = record["latest_checkpoint_result"]
+    except (OSError, ValueError, KeyError):
+        return None  # not written yet, or caught while Ray rewrites it
+    return int(latest["checkpoint_dir_name"].removeprefix("step-")) if latest else None
+
+
+def _train_workers(driver: psutil.Process) -> list[psutil.Process]:
+    workers = []
+    for process in driver.children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(process.cmdline()):
+                workers.append(process)
+        except psutil.Error:
+            pass  # exited since listed
+    return workers
+
+
+def _both_train_workers(training: subprocess.Popen) -> dict[int, psutil.Process] | None:
+    workers = _train_workers(psutil.Process(training.pid))
+    return {p.pid: p for p in workers} if len(workers) == 2 else None
+
+
+def _owner(staged: Path) -> int:
+    """The PID in a staged folder's name: which worker writes it."""
+    return int(re.search(r"-pid(\d+)-", staged.name)[1])
+
+
+def _kill_a_worker_mid_save(training: subprocess.Popen, run: Path, output: Path) -> tuple[int, Path]:
+    """SIGKILL, from outside, a Ray Train worker while it stages a checkpoint newer than the newest one Ray registered;
+    returns the checkpoint Ray has registered once the kill landed (what it hands the new group) and the staged
+    folder the dead worker left."""
+    workers = _wait("both train workers", lambda: _both_train_workers(training), training, output)
+    deadline = time.monotonic() + 300
+    while True:
+        assert training.poll() is None, f"the run ended before a kill landed mid-save:\n{output.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"no kill landed mid-save:\n{output.read_text()[-3000:]}"
+        registered = _registered_step(run)
+        if registered is not None:
+            newer = [f for f in staged_folders(str(run)) if _owner(f) in workers and any(
+                int(part.name[5:]) > registered for part in f.glob("step-*"))]
+            if newer:
+                workers[_owner(newer[0])].kill()  # no exception, no cleanup: as the OOM killer ends a process
+                # a poll answered just before the kill may still register; after, the dead worker answers none
+                time.sleep(1)
+                return _registered_step(run), newer[0]
+        time.sleep(0.005)
+
+
 def test_a_killed_worker_is_restarted_from_the_last_checkpoint_and_a_stopped_run_continues(fashion_shards,
                                                                                            tmp_path, monkeypatch):
     """Embedded local Ray (no address), as the README's main job runs."""
     # where the tests run, a RAY_ADDRESS (here: nothing listens) must not turn the private Ray into a join
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
-    run = tmp_path / "faulty"
+    run, output = tmp_path / "faulty", tmp_path / "out.txt"
     # ZeRO-2: each rank's optimiser partition reaches storage in its own upload and must load back
-    args = tiny_train_args(fashion_shards, run, "optim.max_steps=16", "checkpoint.every_steps=5",
+    args = tiny_train_args(fashion_shards, run, "optim.max_steps=16", f"checkpoint.every_steps={EVERY}",
                            "checkpoint.keep_last=2", "cluster.max_failures=1", "precision.zero_stage=2",
                            launcher="ray")
-    fault = {"DCGAN_FAIL_AT_STEP": "8", "DCGAN_FAIL_RANK": "1", "DCGAN_FAIL_DELAY_S": "4"}
-    res = run_dcgan(*args, "--workers", "2", env=fault, timeout=400)
-    output = res.stdout + res.stderr
-    assert res.returncode == 0, output[-4000:]
-    assert "injected fault: rank 1 exits at step 8" in output and "resumed from step 5" in output
-    assert "done: 16 steps" in res.stdout
+    training = subprocess.Popen([sys.executable, "-m", "cluster.cli", *args, "--workers", "2"], cwd=ROOT,
+                                env=child_env(), stdout=output.open("w"), stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        resumes_at, left = _kill_a_worker_mid_save(training, run, output)
+        assert left.is_dir()  # what a worker killed mid-save leaves, until the run removes it
+        assert training.wait(timeout=400) == 0, output.read_text()[-4000:]
+    finally:
+        if training.poll() is None:
+            training.kill()
+    out = output.read_text()
+    # the new group starts from the newest checkpoint Ray registered; the steps after it are redone
+    assert resumes_at is not None and f"resumed from step {resumes_at}" in out and "done: 16 steps" in out
+    assert out.count("resumed from step") == 1, out[-4000:]
     checkpoints = list_checkpoints(run / "checkpoints")
     assert [read_meta(c)["step"] for c in checkpoints] == [15, 16]  # keep_last = 2 pruned 5 and 10
     assert len(list((checkpoints[-1] / "generator").glob("zero_pp_rank_*_optim_states.pt"))) == 2
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 15 and {r["step"] for r in records} == {5, 10, 15}
+    assert not staged_folders(str(run)), "a staged checkpoint of the run outlived it"
 
     # the user continues the finished run for 4 more steps: Ray restores its newest checkpoint
-    res = run_dcgan(*tiny_train_args(fashion_shards, run, "optim.max_steps=20", "checkpoint.every_steps=5",
+    res = run_dcgan(*tiny_train_args(fashion_shards, run, "optim.max_steps=20", f"checkpoint.every_steps={EVERY}",
                                      "checkpoint.keep_last=2", "precision.zero_stage=2", launcher="ray"),
                     "--workers", "2", "--resume",
                     str(run), timeout=300)

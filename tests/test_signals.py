@@ -1,4 +1,4 @@
-"""SIGINT and SIGTERM from outside: each command that starts a server or a Ray cluster stops all of it.
+"""SIGINT, SIGTERM and SIGHUP from outside: each command that starts a server or a Ray cluster stops all of it.
 
 Real processes and real signals, sent to the `dcgan` process only (as `kill`, `timeout` or a service
 manager does), never to its process group: what it started must be stopped by `dcgan` itself.
@@ -22,7 +22,8 @@ from conftest import ROOT, tiny_train_args
 from cluster.monitor import find_prometheus
 from common.ports import free_port
 
-BOTH = [pytest.param(signal.SIGINT, id="SIGINT"), pytest.param(signal.SIGTERM, id="SIGTERM")]
+# Ctrl-C, `kill` or a service manager, a closed terminal
+STOP = [pytest.param(signum, id=signum.name) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)]
 STOP_S = 60  # from the signal to `dcgan` having exited (torchrun alone gives its ranks 30 s)
 GONE_S = 20  # from `dcgan` having exited to the last process it started having exited
 
@@ -156,7 +157,7 @@ def port_is_free(port: int) -> bool:
             return False
 
 
-@pytest.mark.parametrize("signum", BOTH)
+@pytest.mark.parametrize("signum", STOP)
 def test_monitor_stops_its_prometheus_and_frees_the_port(command, tmp_path, signum):
     find_prometheus()
     port = free_port()

@@ -34,7 +34,7 @@ class Trainer:
     """Owns the engines, the loader and the run folder; `fit` runs the loop.
 
     `checkpointer` decides where checkpoints go (default: the run folder's checkpoints/, which
-    every rank can write); `step_hooks` run after every step, e.g. a launcher's fault injection.
+    every rank can write); `step_hooks` run after every step (what a caller wants to observe, e.g. a test's counters).
     """
 
     def __init__(self, cfg: Config, ctx: DistContext | None = None, checkpointer: CheckpointStore | None = None):
@@ -70,10 +70,6 @@ class Trainer:
                 print(f"note: model.fused_kernels: {reason}; G's blocks run in PyTorch", flush=True)
         self.engines: GanEngines = build_engines(generator.to(self.ctx.device), discriminator.to(self.ctx.device),
                                                  cfg, self.ctx.world_size, self.precision)
-        if cfg.model.compile:
-            from trainer.compiled import compile_step
-
-            compile_step(self.engines, self.ctx.device)
         # on the training device: z costs no host work and no copy
         self.noise = torch.Generator(self.ctx.device).manual_seed(cfg.optim.seed * 100_003 + 1 + self.ctx.rank)
         self.rank_state = RankState(self.noise, self.engines)
@@ -91,6 +87,10 @@ class Trainer:
         self.pending_quality: dict[str, float] = {}  # joins the next metrics.jsonl record
         self.step_fn = GanStep(self.engines, self.precision, cfg.model, self.ctx, self.noise,
                                cfg.checkpoint.on_nonfinite)
+        if cfg.model.compile:
+            from trainer.compiled import compile_step
+
+            compile_step(self.step_fn, self.engines, self.ctx.device)
         # torch's global RNG: the step draws nothing from it, but it is checkpointed and start-up
         # draws from it a varying number of times; seeded last, it is a function of the seed alone
         torch.manual_seed(cfg.optim.seed * 100_003 + 2 + self.ctx.rank)

@@ -1,2 +1,2 @@
-"""For the tests and benchmarks, not a user surface: a Ray head on loopback that stops cleanly
-(local_head) and a worker that dies at a chosen step (faults, switched on by environment)."""
+"""For the tests and benchmarks, not a user surface: a Ray head on loopback that stops cleanly,
+to which nodes can be added and killed (local_head)."""
