@@ -25,7 +25,8 @@ that re-reads is not counted twice), so ranks never disagree on the number of st
 
 A DataLoader worker that dies (the OOM killer, a signal from outside) costs time, not data: the
 rank's stream is rebuilt at the batch it had reached, which by the resume rule above is the
-same stream, so the batches after the death are those an uninterrupted run gets.
+same stream, so the batches after the death are those an uninterrupted run gets. A stream is
+rebuilt at most WORKER_RESTARTS times; the next death raises WorkerDeaths, one line naming it.
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ Damage = dict[str, int]
 # how torch's DataLoader reports a worker process that is gone
 WORKER_DIED = re.compile(r"DataLoader worker \(pid")
 WORKER_RESTARTS = 3  # per rank stream: a worker that dies every time (bad memory, a leak) is not waited out
+
+
+class WorkerDeaths(RuntimeError):
+    """DataLoader workers of one rank's stream died more often than WORKER_RESTARTS allows."""
 
 
 def _stream_seed(*parts: int) -> int:
@@ -248,8 +253,14 @@ class ShardLoader:
                 return
             except (RuntimeError, ConnectionError, EOFError) as e:
                 death = _worker_death(e, stream)
-                if death is None or restart == WORKER_RESTARTS:
+                if death is None:
                     raise
+                if restart == WORKER_RESTARTS:
+                    # the raw error may be a cut connection that names no worker: say what happened, in one line
+                    raise WorkerDeaths(
+                        f"rank {self.rank}: {death} at batch {start_step + delivered} of epoch {epoch}; its stream "
+                        f"has restarted {WORKER_RESTARTS} times already, the most allowed: a worker that keeps dying "
+                        f"(out of memory, killed from outside) is not waited out") from e
                 self.worker_restarts += 1
                 log.warning("rank %d: %s; its stream restarts at batch %d of epoch %d (restart %d of %d)",
                             self.rank, death, start_step + delivered, epoch, restart + 1, WORKER_RESTARTS)

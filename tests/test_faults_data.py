@@ -3,7 +3,10 @@ no longer decodes, a disk that fills up during conversion, a conversion killed m
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -18,13 +21,13 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from conftest import ROOT, ArraySource
+from conftest import ROOT, ArraySource, run_dcgan, tiny_train_args
 
-from cluster.cli import main
 from data_shards.convert import PROGRESS, ConversionError, ConvertOptions, convert_source
 from data_shards.device_loader import DeviceLoader
-from data_shards.loader import ShardLoader
+from data_shards.loader import WORKER_RESTARTS, ShardLoader, WorkerDeaths
 from data_shards.manifest import MANIFEST_NAME, read_manifest, sha256_file, verify_shards
+from dcgan.cli import main
 
 N, SHARD = 300, 50  # 6 shards of 50 grey 32x32 PNGs; a sample's label is its index
 BATCH = 10
@@ -135,6 +138,22 @@ def test_webdataset_loader_counts_the_samples_a_cut_shard_lost(cut, caplog):
     assert sorted(ld.skipped for ld in ranks) == [0, len(lost)]  # the rank that holds the shard counts it
 
 
+def test_dcgan_train_goes_on_over_a_cut_shard_and_logs_the_samples_it_lost(cut, tmp_path):
+    """The real command (torchrun launcher, fp32) over the cut set: one epoch of 9 steps, of which the cut leaves
+    8 batches and a top-up gives the 9th, so the stream has read every shard to its end by the last record."""
+    folder, lost = cut
+    run = tmp_path / "run"
+    res = run_dcgan(*tiny_train_args(folder, run, "optim.max_steps=9", "logging.log_every=3",
+                                     "precision.dtype=fp32", "metrics.enabled=false"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stderr.count(f"{folder / 'shard-000002.tar'}: size") == 1  # named once, at start
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [3, 6, 9] and all(math.isfinite(r["loss_g"]) for r in records)
+    skipped = [r["skipped_samples"] for r in records]
+    assert skipped == sorted(skipped) and skipped[-1] == len(lost) == 20  # counted once, exactly what was lost
+    assert (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir())
+
+
 def test_device_loader_counts_the_samples_a_cut_shard_lost(cut, caplog):
     folder, lost = cut
     with caplog.at_level(logging.WARNING, logger="data_shards.device_loader"):
@@ -165,6 +184,64 @@ def test_a_killed_dataloader_worker_costs_time_not_data(pristine, caplog):
     # torch notices the death itself, or it cuts the connection a batch's tensor was being handed over on
     assert f"pid(s) {workers[1].pid}) exited unexpectedly" in caplog.text
     assert "its stream restarts at batch" in caplog.text
+
+
+def live_children(process: psutil.Process) -> list[psutil.Process]:
+    alive = []
+    for child in process.children():
+        with contextlib.suppress(psutil.NoSuchProcess):  # one just reaped
+            if child.status() != psutil.STATUS_ZOMBIE:
+                alive.append(child)
+    return alive
+
+
+def epoch_killing_workers(loader: ShardLoader, kills: int) -> tuple[list, list[int], WorkerDeaths | None]:
+    """Epoch 0 of `loader` (2 workers) in the main thread, as a rank runs it; SIGKILL from outside to one worker
+    of each stream as soon as it delivers, `kills` times: (the batches, the pids killed, the error if one came)."""
+    ours = psutil.Process()
+    seen = {p.pid for p in live_children(ours)}
+    batches: list = []
+    killed: list[int] = []
+    try:
+        for images_, labels in loader.batches(0):
+            batches.append((images_, labels))
+            if len(killed) < kills and loader.worker_restarts == len(killed):  # the last death was recovered from
+                workers = [p for p in live_children(ours) if p.pid not in seen]
+                if len(workers) == 2:  # both workers of the stream now running
+                    seen.update(p.pid for p in workers)
+                    # with its prefetched batches queued, the death shows when the next is taken, not at
+                    # torch's 5 s poll of its workers: the test is faster, what it checks the same
+                    time.sleep(0.3)
+                    victim = workers[len(killed) % 2]
+                    subprocess.run(["kill", "-KILL", str(victim.pid)], check=True)
+                    killed.append(victim.pid)
+    except WorkerDeaths as e:
+        return batches, killed, e
+    return batches, killed, None
+
+
+@pytest.mark.parametrize("kills", [WORKER_RESTARTS, WORKER_RESTARTS + 1])
+def test_a_stream_restarts_at_most_worker_restarts_times_then_stops_in_one_line(pristine, caplog, kills):
+    """Up to the limit every death costs time, not data; the death after it stops the rank's stream with one
+    line naming the worker, after the batches an undisturbed epoch starts with."""
+    reference = list(shard_loader(pristine, workers=2).batches(0))
+    loader = shard_loader(pristine, workers=2)
+    with caplog.at_level(logging.WARNING, logger="data_shards.loader"):
+        batches, killed, error = epoch_killing_workers(loader, kills)
+    assert len(killed) == kills and loader.worker_restarts == WORKER_RESTARTS and loader.skipped == 0
+    restarts = [r.getMessage() for r in caplog.records if "its stream restarts" in r.getMessage()]
+    assert len(restarts) == WORKER_RESTARTS  # one warning line a death, naming the worker killed
+    for i, (line, pid) in enumerate(zip(restarts, killed, strict=False)):
+        assert f"pid(s) {pid}) exited unexpectedly" in line and f"(restart {i + 1} of {WORKER_RESTARTS})" in line
+    if kills == WORKER_RESTARTS:
+        assert error is None and len(batches) == len(reference) == N // BATCH
+    else:
+        message = str(error)
+        assert "\n" not in message and f"DataLoader worker (pid(s) {killed[-1]}) exited unexpectedly" in message
+        assert f"has restarted {WORKER_RESTARTS} times already, the most allowed" in message
+        assert 0 < len(batches) < len(reference)
+    for (a, la), (b, lb) in zip(batches, reference[:len(batches)], strict=True):
+        assert torch.equal(la, lb) and torch.equal(a, b)
 
 
 def test_dali_leaves_out_a_shard_whose_size_changed_and_says_why(cut, caplog):

@@ -41,6 +41,7 @@ def exact_fp32():
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
+
 def _counted(counts: collections.Counter, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     def counting(*args: Any, **kwargs: Any) -> Any:
         counts[name] += 1
@@ -49,20 +50,51 @@ def _counted(counts: collections.Counter, name: str, fn: Callable[..., Any]) -> 
     return counting
 
 
-def count_fused_blocks(counts: collections.Counter, patch: Callable[[object, str, Any], None]) -> None:
-    """Count the blocks dispatch was given ("blocks") and those it ran in the kernels ("train", "inference").
+def _counted_run(counts: collections.Counter, run: Callable[..., Any]) -> Callable[..., Any]:
+    def counting_run(self: Any, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> Any:
+        if not warmup:  # a warm-up compiles and runs nothing
+            counts[self.fn.__name__] += 1
+        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
 
-    The kernels are checked against PyTorch's modules, so a block that silently fell back to those
-    modules would pass every comparison; the counts tell. dispatch asks block_unsupported once per
-    fused-mode block and imports the two entry points at each call, so patching the modules catches both.
+    return counting_run
+
+
+def count_fused_blocks(counts: collections.Counter, patch: Callable[[object, str, Any], None]) -> None:
+    """Count the blocks dispatch was given ("blocks") and every Triton kernel launch, by kernel name.
+
+    The kernels are checked against PyTorch's modules, so a block, or its backward, that silently fell back
+    to PyTorch would pass every comparison; the launches tell. `kernel[grid](...)` ends in the kernel object's
+    `run`, the interpreter's under TRITON_INTERPRET=1 and the JIT's when compiled, whoever launches it, so
+    patching both classes counts every launch that runs. dispatch asks block_unsupported once per fused-mode
+    block.
     """
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
     import kernels.dispatch
-    import kernels.fused_block
 
     patch(kernels.dispatch, "block_unsupported", _counted(counts, "blocks", kernels.dispatch.block_unsupported))
-    for kind in ("train", "inference"):
-        name = f"conv_transpose_bn_relu_{kind}"
-        patch(kernels.fused_block, name, _counted(counts, kind, getattr(kernels.fused_block, name)))
+    for kind in (InterpretedFunction, JITFunction):
+        patch(kind, "run", _counted_run(counts, kind.run))
+
+
+# the launches of one block: a training forward (GEMM with statistics, finalize, normalise + ReLU), its
+# backward (two BN + ReLU passes, then the input- and weight-gradient GEMMs; no input gradient where the
+# input needs none, as z in G's first block), and an eval-mode forward (one GEMM, BatchNorm folded in)
+TRAIN_FORWARD = collections.Counter(["convt_phase_fwd_kernel", "bn_finalize_kernel", "bn_relu_apply_kernel"])
+BACKWARD = collections.Counter(["bn_relu_grad_reduce_kernel", "bn_relu_grad_apply_kernel", "convt_input_grad_kernel",
+                                "convt_weight_grad_kernel"])
+BACKWARD_NO_INPUT_GRAD = BACKWARD - collections.Counter(["convt_input_grad_kernel"])
+INFERENCE = collections.Counter(["convt_phase_fwd_kernel"])
+
+
+def launches(blocks: int, *parts: tuple[int, collections.Counter]) -> dict[str, int]:
+    """What the counts must be: `blocks` given to dispatch, and each (times, launches of one block)."""
+    expected = collections.Counter({"blocks": blocks})
+    for times, per_block in parts:
+        for _ in range(times):
+            expected.update(per_block)
+    return dict(expected)
 
 
 @pytest.fixture()
@@ -115,7 +147,8 @@ def test_training_block_matches_pytorch_fp32(fused, n, c_in, c_out, size, stride
     assert block_unsupported(x, conv, bn) is None
     grad = torch.randn(n, c_out, conv_ref(x).shape[2], conv_ref(x).shape[3], device=DEVICE)
     ours, ref = run_block(x, conv, bn, grad, True), run_block(x, conv_ref, bn_ref, grad, False)
-    assert fused == {"blocks": 1, "train": 1}  # the kernels ran, not the modules compared against
+    # every kernel of the forward and the backward ran once, not the modules compared against
+    assert fused == launches(1, (1, TRAIN_FORWARD), (1, BACKWARD))
     assert ours["out"].shape == ref["out"].shape
     for name in ref:
         assert rel_err(ours[name], ref[name]) < 1e-5, name
@@ -131,7 +164,7 @@ def test_inference_folds_batchnorm(fused, n, c_in, c_out, size, stride, padding)
     with torch.no_grad():
         ours, ref = conv_transpose_bn_relu(x, conv, bn), torch.relu(bn(conv(x)))
     assert rel_err(ours.double(), ref.double()) < 1e-5
-    assert fused == {"blocks": 1, "inference": 1}
+    assert fused == launches(1, (1, INFERENCE))
 
 
 @pytest.mark.parametrize("n, c_in, c_out, size, stride, padding", [SHAPES[0], SHAPES[2]])
@@ -143,7 +176,7 @@ def test_bf16_error_is_pytorchs_own(fused, n, c_in, c_out, size, stride, padding
     truth = run_block(x.double(), copy.deepcopy(conv).double(), copy.deepcopy(bn).double(), grad.double(), False)
     ours = run_block(x, copy.deepcopy(conv), copy.deepcopy(bn), grad, True, torch.bfloat16)
     ref = run_block(x, copy.deepcopy(conv), copy.deepcopy(bn), grad, False, torch.bfloat16)
-    assert fused == {"blocks": 1, "train": 1}
+    assert fused == launches(1, (1, TRAIN_FORWARD), (1, BACKWARD))
     # the interpreter truncates fp32 -> bf16 where a GPU rounds: one more bit of error there
     slack = 1.5 if DEVICE.type == "cuda" else 2.5
     for name in ("out", "dx", "dw", "dgamma", "dbeta"):
@@ -195,8 +228,10 @@ def gan_steps(fused: bool, steps: int = 3) -> tuple[Generator, list[float]]:
 def test_training_steps_agree_and_checkpoints_move_between_paths(fused):
     counts = fused
     fused, losses_fused = gan_steps(True)
-    # 3 blocks in a 32x32 G, each fused in each of the 3 steps' one forward
-    assert counts == {"blocks": 9, "train": 9}
+    # 3 blocks in a 32x32 G, each fused in each of the 3 steps' one forward and G's one backward (D's sees
+    # fake.detach()); the first block's input is z, which wants no gradient
+    in_training = [(3 * 3, TRAIN_FORWARD), (3 * 2, BACKWARD), (3 * 1, BACKWARD_NO_INPUT_GRAD)]
+    assert counts == launches(9, *in_training)
     plain, losses_plain = gan_steps(False)
     assert losses_fused == pytest.approx(losses_plain, rel=1e-4)
     ours, ref = fused.state_dict(), plain.state_dict()
@@ -209,7 +244,7 @@ def test_training_steps_agree_and_checkpoints_move_between_paths(fused):
     z = torch.rand(8, 100, device=DEVICE) * 2 - 1
     with torch.no_grad():
         assert rel_err(fused.eval()(z).double(), reloaded.eval()(z).double()) < 1e-5
-    assert counts == {"blocks": 12, "train": 9, "inference": 3}  # the plain generators never reach dispatch
+    assert counts == launches(12, *in_training, (3, INFERENCE))  # the plain generators never reach dispatch
 
 
 def test_kernels_compile_for_sm90():
@@ -241,7 +276,7 @@ COUNTING_DCGAN = """
 import collections, json, sys
 sys.path.insert(0, sys.argv[1])
 from test_kernels import count_fused_blocks
-from cluster.cli import main
+from dcgan.cli import main
 counts = collections.Counter()
 count_fused_blocks(counts, setattr)
 code = main(sys.argv[3:])
@@ -261,9 +296,11 @@ def test_dcgan_train_with_fused_kernels(fused, fashion_shards, tmp_path):
                          capture_output=True, text=True, timeout=300, env=child_env())
     assert res.returncode == 0, res.stderr[-3000:]
     assert "fused_kernels" not in res.stdout  # no fallback note: the kernels ran
-    # every block of G (3 at 32x32) fused, none fell back: one training forward per step, and the sample
-    # grids at steps 0 and 4 in eval mode
-    assert json.loads(counts.read_text()) == {"blocks": 3 * 4 + 3 * 2, "train": 3 * 4, "inference": 3 * 2}
+    # every block of G (3 at 32x32) ran its kernels, forward and backward, none fell back: one training forward
+    # and one backward per step (the first block's input, z, wants no gradient), and the sample grids at steps
+    # 0 and 4 in eval mode
+    assert json.loads(counts.read_text()) == launches(3 * 4 + 3 * 2, (3 * 4, TRAIN_FORWARD), (2 * 4, BACKWARD),
+                                                      (1 * 4, BACKWARD_NO_INPUT_GRAD), (3 * 2, INFERENCE))
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 4 and all(math.isfinite(r["loss_g"]) for r in records)
     cfg, generator = load_generator(run)
@@ -274,7 +311,7 @@ def test_dcgan_train_with_fused_kernels(fused, fashion_shards, tmp_path):
     z = torch.rand(8, fused_cfg.z_dim) * 2 - 1
     assert fused_cfg.fused_kernels
     assert rel_err(generate(generator, z).double(), generate(plain, z).double()) < 1e-5
-    assert fused == {"blocks": 3, "inference": 3}
+    assert fused == launches(3, (3, INFERENCE))
 
 
 def test_statistics_merge_across_chunks_without_cancellation():

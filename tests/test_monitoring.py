@@ -118,12 +118,13 @@ def test_every_dashboard_metric_is_exported(tmp_path):
 @pytest.fixture()
 def monitored_training(fashion_shards, tmp_path):
     """`dcgan monitor` (Prometheus scraping every second) and a 2-rank torchrun training, both running."""
-    pytest.importorskip("prometheus_client")
+    # prometheus_client is no optional extra (ray[default] brings it; trainer.telemetry, imported above, needs
+    # it), so nothing here is skipped; a missing Prometheus server fails with the line saying how to install it
     find_prometheus()
     runs = tmp_path / "runs"
     settings = [f"logging.run_dir={runs / 'watched'}", f"metrics.port={free_port()}"]
     monitor = subprocess.Popen(
-        [sys.executable, "-m", "cluster.cli", "monitor", "--config", str(ROOT / "configs" / "fashion-mnist-32.toml"),
+        [sys.executable, "-m", "dcgan", "monitor", "--config", str(ROOT / "configs" / "fashion-mnist-32.toml"),
          "--set", settings[0], "--port", str(free_port()), "--scrape-interval", "1s"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     training = None
@@ -133,7 +134,7 @@ def monitored_training(fashion_shards, tmp_path):
         url = line.split()[2].rstrip(",")
         args = tiny_train_args(fashion_shards, runs / "watched", "optim.max_steps=100000", "checkpoint.every_steps=100",
                                "logging.log_every=5", "logging.sample_every=100000", settings[1])
-        training = subprocess.Popen([sys.executable, "-m", "cluster.cli", *args, "--nproc", "2"], cwd=ROOT,
+        training = subprocess.Popen([sys.executable, "-m", "dcgan", *args, "--nproc", "2"], cwd=ROOT,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                     start_new_session=True)
         yield url, runs / "watched", training
