@@ -111,8 +111,9 @@ clean:
 # What benchmarks/gpu_check.sh imports that a bare CUDA image lacks (it has python3 with CUDA torch, triton,
 # numpy, scipy, pillow, psutil, msgpack, ninja, py-cpuinfo, einops, packaging, tqdm, and no network), as wheels
 # for that image's Python: DeepSpeed and WebDataset with what they import at run time (typing-extensions too:
-# pydantic needs a newer one than torch does), lmdb, scikit-image (the loader benchmark's sample LSUN) and
-# matplotlib (the kernel benchmark's figure). The releases this venv tests with, pinned so that the bundle is the
+# pydantic needs a newer one than torch does), lmdb, scikit-image (the loader benchmark's sample LSUN),
+# matplotlib (the kernel benchmark's figure), prometheus-client (the trainer's metrics) and pytest (the kernel
+# tests). The releases this venv tests with, pinned so that the bundle is the
 # same tomorrow. No Ray (the check never launches through it) and no DALI
 # (hundreds of MB; the check reports it skipped). Everything travels with the checkout, so it must stay small.
 GPU_BUNDLE_DIR ?= .gpu-bundle
@@ -125,7 +126,8 @@ GPU_BUNDLE_WHEELS := webdataset==1.0.2 braceexpand==0.1.7 pyyaml==6.0.4 hjson==3
   pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0 \
   lmdb==3.0.0 scikit-image==0.26.0 imageio==2.38.2 tifffile==2026.3.3 lazy-loader==0.6 \
   matplotlib==3.11.2 contourpy==1.3.3 cycler==0.12.1 fonttools==4.68.0 kiwisolver==1.5.1 pyparsing==3.3.3 \
-  python-dateutil==4.0.0 tzdata==2026.6
+  python-dateutil==4.0.0 tzdata==2026.6 prometheus-client==0.26.0 \
+  pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 pygments==2.21.0
 # the venv's pip when there is one: the system Python may have none
 GPU_BUNDLE_PIP ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) -m pip
 

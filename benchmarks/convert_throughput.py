@@ -31,7 +31,7 @@ from benchmarks.report import print_table, write_result  # noqa: E402
 
 
 def dcgan(*args: str) -> list[str]:
-    return [sys.executable, "-m", "cluster.cli", *args]
+    return [sys.executable, "-m", "dcgan", *args]
 
 
 def ensure_lmdb(path: Path, n: int, image_format: str) -> None:

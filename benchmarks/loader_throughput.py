@@ -86,8 +86,15 @@ def measure(batches, limit: int) -> tuple[float, float, str]:
         n += images.shape[0]
         if n >= limit:
             break
+    wait_for_device()
     seconds = time.perf_counter() - start
     return n / seconds, seconds, kind
+
+
+def wait_for_device() -> None:
+    """A device loader's last batches may still be queued on a GPU: count them when they exist."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def measure_epochs(loader, min_seconds: float = 1.0) -> tuple[float, float, str]:
@@ -99,6 +106,7 @@ def measure_epochs(loader, min_seconds: float = 1.0) -> tuple[float, float, str]
             kind = delivers(images)
             n += images.shape[0]
         epoch += 1
+        wait_for_device()
     seconds = time.perf_counter() - start
     return n / seconds, seconds, kind
 
@@ -118,7 +126,7 @@ def encoding_rows(args: argparse.Namespace, source: Path, encoding: str, streami
     rows = []
     shards = args.work / f"shards-{args.images}-{encoding}"
     if not (shards / "manifest.json").is_file():
-        subprocess.run([sys.executable, "-m", "cluster.cli", "data", "convert", "--source", "lsun", "--input",
+        subprocess.run([sys.executable, "-m", "dcgan", "data", "convert", "--source", "lsun", "--input",
                         str(source), "--out", str(shards), "--resolution", "64", "--encoding", encoding,
                         "--shard-size", str(max(1, min(5000, args.images // (2 * args.workers)))), "--quiet"],
                        cwd=ROOT, check=True)
@@ -167,7 +175,7 @@ def main() -> None:
         print("dali: not installed here (the dali extra), its rows are left out")
     source = args.work / f"lsun-webp-{args.images}"
     if not (source / "data.mdb").is_file():
-        subprocess.run([sys.executable, "-m", "cluster.cli", "data", "sample-lsun", "--out", str(source), "--n",
+        subprocess.run([sys.executable, "-m", "dcgan", "data", "sample-lsun", "--out", str(source), "--n",
                         str(args.images)], cwd=ROOT, check=True)
     rows = []
     dataset = LsunLmdbDataset(source, 64)

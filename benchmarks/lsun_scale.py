@@ -79,7 +79,7 @@ class TreeMemory(threading.Thread):
 def timed(args: list[str], env: dict | None = None) -> tuple[float, dict, str]:
     """Run `dcgan ARGS`: (seconds, memory summary, stdout); a failure ends the benchmark with its output."""
     started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "cluster.cli", *args], cwd=ROOT, env=env, text=True,
+    process = subprocess.Popen([sys.executable, "-m", "dcgan", *args], cwd=ROOT, env=env, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     memory = TreeMemory(process.pid)
     memory.start()

@@ -34,7 +34,7 @@ from common.ports import free_port  # noqa: E402
 
 
 def run_once(run_dir: Path, shards: str, steps: int, warmup: int, metrics_on: bool, port: int) -> float:
-    cmd = [sys.executable, "-m", "cluster.cli",
+    cmd = [sys.executable, "-m", "dcgan",
            *train_args(run_dir, shards, steps, "torchrun", f"metrics.enabled={str(metrics_on).lower()}",
                        f"metrics.port={port}", log_every=10)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)

@@ -49,7 +49,7 @@ def run_once(launcher: str, ranks: int, run_dir: Path, args: argparse.Namespace)
                    "--runtime-env", "cluster/examples/runtime_env.yaml", "--", "dcgan", *cli]
             env = head.env
         else:
-            cmd, env = [sys.executable, "-m", "cluster.cli", *cli], None
+            cmd, env = [sys.executable, "-m", "dcgan", *cli], None
         launched = time.time()
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         wall = time.time() - launched

@@ -54,7 +54,7 @@ def train_args(shards: Path, run_dir: Path, steps: int, mode: str, kills: int) -
             "logging.progress=false", "logging.log_every=1", "logging.sample_every=1000", "metrics.enabled=false",
             f"optim.max_steps={steps}", f"checkpoint.every_steps={EVERY}", "checkpoint.keep_last=100",
             f"cluster.max_failures={kills + 1}", f"data.shards={shards}", f"logging.run_dir={run_dir}", *settings]
-    args = [sys.executable, "-m", "cluster.cli", "train", "--config", str(ROOT / "configs" / "fashion-mnist-32.toml"),
+    args = [sys.executable, "-m", "dcgan", "train", "--config", str(ROOT / "configs" / "fashion-mnist-32.toml"),
             "--launcher", launcher, *extra]
     for item in sets:
         args += ["--set", item]

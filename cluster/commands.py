@@ -57,7 +57,7 @@ def _relaunch_under_torchrun(args: argparse.Namespace) -> int:
         if not skip:
             argv.append(a)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-           "-m", "cluster.cli", *argv]
+           "-m", "dcgan", *argv]
     # its own process group, so a terminal's Ctrl-C reaches it once, relayed by us: a second signal in the middle
     # of its shutdown makes torchrun exit without waiting for its ranks
     launcher = subprocess.Popen(cmd, process_group=0)

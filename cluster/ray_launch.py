@@ -148,9 +148,7 @@ def check_shards(cfg: Config, joins_cluster: bool) -> None:
 def check_worker_count(cfg: Config, plan: WorkerPlan, continues: str | Path | None) -> None:
     from trainer.checkpoint import read_meta, resolve_checkpoint
 
-    if cfg.optim.batch_size % plan.workers:
-        raise ConfigError(f"optim.batch_size = {cfg.optim.batch_size} does not split evenly over "
-                          f"{plan.workers} workers")
+    cfg.optim.rank_batch(plan.workers)
     if continues:
         written_by = read_meta(resolve_checkpoint(continues)).get("world_size")
         if written_by != plan.workers:

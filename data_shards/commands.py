@@ -44,12 +44,14 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from common.ray_address import RayUnreachable
     from data_shards.convert import ConversionError
     from data_shards.idx import IdxError
+    from data_shards.loader import WorkerDeaths
     from data_shards.manifest import ShardSetError
     from data_shards.parts import RayPartsError
     from data_shards.sources.fashion_mnist import DatasetMissing
     from data_shards.sources.lsun_lmdb import SourceMissing
 
-    return ConversionError, IdxError, ShardSetError, DatasetMissing, SourceMissing, RayPartsError, RayUnreachable
+    return (ConversionError, IdxError, ShardSetError, DatasetMissing, SourceMissing, RayPartsError, RayUnreachable,
+            WorkerDeaths)
 
 
 @contextmanager

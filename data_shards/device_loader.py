@@ -183,18 +183,24 @@ class DeviceLoader:
         return self.steps
 
     def _order(self, epoch: int) -> torch.Tensor:
-        """The epoch's sample order on the device: steps x batch indices into the held images."""
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(_stream_seed(self.seed, epoch, self.rank))
+        """The epoch's sample order on the host: steps x batch indices into the held images.
+
+        Drawn by a CPU generator (a few ms for a rank's part of LSUN, once an epoch): the labels are
+        indexed on the host, and an order drawn on the device would have to be read back, a sync
+        inside a log window; the device gets a copy that nothing waits for. Same order on any device.
+        """
+        generator = torch.Generator().manual_seed(_stream_seed(self.seed, epoch, self.rank))
         held, needed = len(self.labels), self.steps * self.batch_size
         draws = -(-needed // held)  # > 1 only where damage left this rank short of its steps
-        perm = [torch.randperm(held, generator=generator, device=self.device) for _ in range(draws)]
+        perm = [torch.randperm(held, generator=generator) for _ in range(draws)]
         return (perm[0] if draws == 1 else torch.cat(perm))[:needed]
 
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's batches of `epoch` from step `start_step` on, exactly `steps_per_epoch` in all."""
-        order = self._order(epoch)
-        order_cpu = order.cpu()  # the epoch's one sync: the labels are indexed on the host
+        order_cpu = self._order(epoch)
+        if self.device.type == "cuda":
+            order_cpu = order_cpu.pin_memory()  # so the copy below is queued, not waited for
+        order = order_cpu.to(self.device, non_blocking=True)
         size = self.batch_size
         held = self.images.numpy() if self._gather_with_numpy else None
         for k in range(start_step, self.steps):

@@ -30,7 +30,8 @@ class Loader(Protocol):
 def to_model_input(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 N x H x W x C [0, 255] -> `dtype` N x C x H x W in [-1, 1] (the paper's scaling, no
     augmentation), channels_last: NHWC bytes seen as NCHW already are channels_last, so no copy
-    reorders them and the cast is the one pass over the pixels."""
+    reorders them. Eager, that is a cast and two in-place passes (a 128 x 64 x 64 x 3 batch is
+    1.5 MB: microseconds); under model.compile the trainer compiles this into one kernel."""
     x = images.permute(0, 3, 1, 2).to(dtype)  # preserve_format keeps the NHWC strides
     return x.div_(127.5).sub_(1.0)
 

@@ -1,8 +1,9 @@
 """dcgan: train DCGANs (Ray or torchrun), build shard sets, sample and evaluate checkpoints.
 
 This module only assembles the commands each package registers and runs one: data_shards
-registers `data`, evaluation `sample` and `eval`, cluster `train` and `monitor`; `bench` runs a
-script of benchmarks/ (a source checkout's folder, not a package) as a file.
+registers `data`, evaluation `sample` and `eval` (reading checkpoints through the trainer's
+reader, handed over here), cluster `train` and `monitor`; `bench` runs a script of benchmarks/
+(a source checkout's folder, not a package) as a file.
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ from evaluation import commands as evaluation_commands
 OPTIONAL_MODULES = {"sklearn": "eval", "scipy": "eval", "matplotlib": "eval", "triton": "kernels", "nvidia": "dali",
                     "skimage": "sample-data"}
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"  # beside the packages in a checkout
+
+
+def _checkpoint_nets() -> evaluation_commands.CheckpointNets:
+    from trainer.checkpoint_nets import CheckpointNets  # torch: only when a command reads a checkpoint
+
+    return CheckpointNets()
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -83,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help=argparse.SUPPRESS,
                                 prog="dcgan")
     cluster_commands.register(sub)
-    evaluation_commands.register(sub)
+    evaluation_commands.register(sub, _checkpoint_nets)
     cluster_commands.register_monitor(sub)
     data_commands.register(sub)
     _register_bench(sub)

@@ -1,9 +1,9 @@
 """`dcgan sample ...` and `dcgan eval ...`: a checkpoint's G or D through the evaluation library.
 
-The one module of evaluation/ that imports trainer/ (inside the commands, so building the
-parser stays cheap): it loads the nets from a checkpoint and draws z with trainer.models.sample_z,
-so a grid of `dcgan sample --n N --seed S` and the indices `dcgan sample arithmetic` takes name
-the same codes.
+Checkpoints are the trainer's: the dispatcher hands these commands an object that reads them
+(`CheckpointNets`, trainer.checkpoint_nets implements it), so evaluation/ imports nothing of
+trainer/. z comes from the same object (the trainer's sample_z), so a grid of `dcgan sample
+--n N --seed S` and the indices `dcgan sample arithmetic` takes name the same codes.
 """
 
 from __future__ import annotations
@@ -12,47 +12,67 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from common.arguments import comma_list, integer, non_negative_int, number, positive_int, readable_path, seed
 
 if TYPE_CHECKING:
     import torch
+    from torch import nn
 
     from evaluation.features import FeatureEvalOptions
-    from trainer.config import ModelConfig
 
 _INTERPOLATE_ONLY = ("k", "steps", "gif", "slerp")
 _ARITHMETIC_ONLY = ("grid_seed", "a", "b", "c", "noise", "neighbours")
 
 
+class CheckpointNets(Protocol):
+    """What these commands need of a training checkpoint. `model` is the run's model config."""
+
+    def config(self, checkpoint: str | Path) -> tuple[Path, Any]:
+        """The resolved checkpoint folder (a run folder gives its newest) and the run's config."""
+
+    def generator(self, checkpoint: str | Path) -> tuple[Any, nn.Module]:
+        """The run's config and G with the checkpoint's weights, in eval mode, on the CPU."""
+
+    def discriminator(self, checkpoint: str | Path) -> tuple[Any, nn.Module]:
+        """The run's config and D with the checkpoint's weights, in eval mode, on the CPU."""
+
+    def fresh_discriminator(self, model: Any) -> nn.Module:
+        """A D of the architecture, initialised as training initialises it (the random-D baseline)."""
+
+    def sample_z(self, n: int, model: Any, generator: torch.Generator) -> torch.Tensor:
+        """n codes from the run's prior, drawn from `generator`."""
+
+    def run_folder(self, checkpoint: Path) -> Path:
+        """The run folder a resolved checkpoint folder belongs to."""
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
-    """What these commands raise for bad input (checkpoint, shard set, data sets, options): one line."""
+    """What these commands raise for bad input (shard set, data sets, options): one line. A bad
+    checkpoint raises the checkpoint reader's own error, which its package lists."""
     from data_shards.idx import IdxError
     from data_shards.manifest import ShardSetError
     from data_shards.sources.fashion_mnist import DatasetMissing
     from evaluation.errors import EvalError
-    from trainer.checkpoint_io import CheckpointError
 
-    return EvalError, CheckpointError, DatasetMissing, IdxError, ShardSetError
+    return EvalError, DatasetMissing, IdxError, ShardSetError
 
 
-def _draw_z(n: int, model: ModelConfig, seed: int) -> torch.Tensor:
+def _draw_z(nets: CheckpointNets, n: int, model: Any, seed: int) -> torch.Tensor:
     """The n codes `dcgan sample --n n --seed seed` draws: one n x z_dim tensor from a CPU generator."""
     import torch
 
-    from trainer.models import sample_z
-
-    return sample_z(n, model, torch.Generator().manual_seed(seed))
+    return nets.sample_z(n, model, torch.Generator().manual_seed(seed))
 
 
 # --- dcgan sample --------------------------------------------------------------------------------
 def cmd_sample(args: argparse.Namespace) -> int:
     from evaluation.images import generate, save_grid
-    from trainer.checkpoint_nets import load_generator
 
-    cfg, generator = load_generator(args.checkpoint)
-    z = _draw_z(args.n, cfg.model, args.seed)
+    nets = args.nets()
+    cfg, generator = nets.generator(args.checkpoint)
+    z = _draw_z(nets, args.n, cfg.model, args.seed)
     out = save_grid(generate(generator, z), args.out, nrow=args.nrow)
     print(f"wrote {args.n} samples to {out}")
     return 0
@@ -74,11 +94,11 @@ def cmd_sample_modes(args: argparse.Namespace) -> int:
 def cmd_sample_interpolate(args: argparse.Namespace) -> int:
     from evaluation.images import save_grid
     from evaluation.latent import interpolation, save_gif, walk_frames
-    from trainer.checkpoint_nets import load_generator
 
-    cfg, generator = load_generator(args.checkpoint)
+    nets = args.nets()
+    cfg, generator = nets.generator(args.checkpoint)
     k, steps = 8 if args.k is None else args.k, 10 if args.steps is None else args.steps
-    _, images = interpolation(generator, _draw_z(k, cfg.model, args.seed), steps, spherical=args.slerp)
+    _, images = interpolation(generator, _draw_z(nets, k, cfg.model, args.seed), steps, spherical=args.slerp)
     out = save_grid(images.flatten(0, 1), args.out, nrow=steps)
     print(f"wrote {k - 1} walks of {steps} steps between {k} random z to {out}")
     if args.gif:
@@ -90,15 +110,15 @@ def cmd_sample_arithmetic(args: argparse.Namespace) -> int:
     from evaluation.errors import EvalError
     from evaluation.images import save_grid
     from evaluation.latent import PAPER_NOISE, arithmetic_grid, parse_indices, vector_arithmetic
-    from trainer.checkpoint_nets import load_generator
 
     if args.a is None or args.b is None or args.c is None:
         raise EvalError("`dcgan sample arithmetic` needs --a, --b and --c (grid indices such as 3,7,12)")
-    cfg, generator = load_generator(args.checkpoint)
+    nets = args.nets()
+    cfg, generator = nets.generator(args.checkpoint)
     groups = [parse_indices(getattr(args, name), args.n, name) for name in ("a", "b", "c")]
     width = max(len(g) for g in groups) + 1
     grid_seed = args.seed if args.grid_seed is None else args.grid_seed
-    arith = vector_arithmetic(_draw_z(args.n, cfg.model, grid_seed), *groups,
+    arith = vector_arithmetic(_draw_z(nets, args.n, cfg.model, grid_seed), *groups,
                               neighbours=width - 1 if args.neighbours is None else args.neighbours,
                               noise=PAPER_NOISE if args.noise is None else args.noise, seed=args.seed)
     images, nrow = arithmetic_grid(generator, arith)
@@ -112,39 +132,31 @@ def cmd_sample_arithmetic(args: argparse.Namespace) -> int:
 _sources = comma_list({"trained": "trained D", "random": "random D", "pixels": "raw pixels"})
 
 
-def checkpoint_feature_eval(checkpoint: str | Path, opts: FeatureEvalOptions,
+def checkpoint_feature_eval(nets: CheckpointNets, checkpoint: str | Path, opts: FeatureEvalOptions,
                             log: Callable[[str], None] = print) -> dict[str, Any]:
     """run_feature_eval for a checkpoint: its D (when `opts.sources` asks for it), a random D of its
     architecture initialised as training does, and images at its resolution and channels."""
     from evaluation.features import run_feature_eval
-    from trainer.checkpoint_nets import load_checkpoint_config, load_discriminator
-    from trainer.models import Discriminator, init_weights
 
-    folder, cfg = load_checkpoint_config(checkpoint)
+    folder, cfg = nets.config(checkpoint)
     model = cfg.model
-    trained = load_discriminator(folder)[1] if "trained D" in opts.sources else None
-
-    def random_d() -> Discriminator:
-        net = Discriminator(model)
-        init_weights(net, model.init_std)
-        return net
-
-    return run_feature_eval(opts, model.resolution, model.channels, trained=trained, random_d=random_d,
-                            checkpoint=folder, ndf=model.ndf, log=log)
+    trained = nets.discriminator(folder)[1] if "trained D" in opts.sources else None
+    return run_feature_eval(opts, model.resolution, model.channels, trained=trained,
+                            random_d=lambda: nets.fresh_discriminator(model), checkpoint=folder, ndf=model.ndf,
+                            log=log)
 
 
 def cmd_eval_features(args: argparse.Namespace) -> int:
     from evaluation.features import FeatureEvalOptions, markdown_table, write_report
-    from trainer.checkpoint_nets import load_checkpoint_config
 
-    folder, _ = load_checkpoint_config(args.checkpoint)
+    nets = args.nets()
+    folder, _ = nets.config(args.checkpoint)
     opts = FeatureEvalOptions(labels=args.labels, subsets=args.subsets, train_limit=args.train_limit,
                               test_limit=args.test_limit, mnist_train=args.mnist_train, folds=args.folds,
                               cv_limit=args.cv_limit, seed=args.seed, batch_size=args.batch_size, sources=args.sources,
                               fashion_root=args.fashion_dir, mnist_root=args.mnist_dir)
-    report = checkpoint_feature_eval(folder, opts, log=lambda line: print(line, flush=True))
-    run_dir = folder.parent.parent if folder.parent.name == "checkpoints" else folder.parent
-    json_path, md_path = write_report(report, Path(args.out) if args.out else run_dir / "eval",
+    report = checkpoint_feature_eval(nets, folder, opts, log=lambda line: print(line, flush=True))
+    json_path, md_path = write_report(report, Path(args.out) if args.out else nets.run_folder(folder) / "eval",
                                       f"features-{folder.name}")
     print()
     print(markdown_table(report), end="")
@@ -152,7 +164,7 @@ def cmd_eval_features(args: argparse.Namespace) -> int:
     return 0
 
 
-def evaluate_checkpoint(checkpoint: str | Path, shards: str | Path, n: int = 10_000, *,
+def evaluate_checkpoint(nets: CheckpointNets, checkpoint: str | Path, shards: str | Path, n: int = 10_000, *,
                         weights: str | Path | None = None, cache_dir: str | Path | None = None,
                         batch_size: int = 50, seed: int = 0, kid_subsets: int = 100,
                         kid_subset_size: int = 1000, keep: int = 10_000, method: str = "eigh",
@@ -173,20 +185,19 @@ def evaluate_checkpoint(checkpoint: str | Path, shards: str | Path, n: int = 10_
         kid_subset_images,
         reference_stats,
     )
-    from trainer.checkpoint_nets import load_generator
 
     check_kid_size(n, kid_subset_size)
     started = time.perf_counter()
     read_manifest(shards)  # before the slow parts: a missing or empty set fails at once, with its reason
-    cfg, generator = load_generator(checkpoint)
+    cfg, generator = nets.generator(checkpoint)
     extractor = InceptionFeatures(weights)
     generator.to(extractor.device)
     reference, cache, cached = reference_stats(shards, n, extractor, cfg.model.resolution, cfg.model.channels,
                                                cache_dir=cache_dir, batch_size=batch_size, seed=seed, keep=keep,
                                                log=log)
     log(f"reference statistics {'read from' if cached else 'written to'} {cache}")
-    generated = generated_stats(generator, _draw_z(n, cfg.model, seed), extractor, batch_size=batch_size, seed=seed,
-                                keep=keep, log=log)
+    generated = generated_stats(generator, _draw_z(nets, n, cfg.model, seed), extractor, batch_size=batch_size,
+                                seed=seed, keep=keep, log=log)
     scores = compare(reference, generated, kid_subsets, kid_subset_size, seed, method)
     subset = kid_subset_images(min(n, keep), min(n, keep), kid_subset_size)  # KID draws from the kept features
     return {**scores, "n": n, "kid_subset_size": subset, "kid_subsets": kid_subsets,
@@ -200,7 +211,7 @@ def cmd_eval_fid(args: argparse.Namespace) -> int:
 
     from common.atomic import atomic_write_bytes
 
-    result = evaluate_checkpoint(args.checkpoint, args.shards, args.n, weights=args.weights,
+    result = evaluate_checkpoint(args.nets(), args.checkpoint, args.shards, args.n, weights=args.weights,
                                  cache_dir=args.cache_dir, batch_size=args.batch_size, seed=args.seed,
                                  kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
                                  keep=args.kid_keep, method="sqrtm" if args.sqrtm else "eigh",
@@ -217,13 +228,14 @@ def cmd_eval_fid(args: argparse.Namespace) -> int:
 
 
 # --- the parsers ---------------------------------------------------------------------------------
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add `dcgan sample` and `dcgan eval ...` to `dcgan`'s sub-commands."""
-    _add_sample(sub)
-    _add_eval(sub)
+def register(sub: argparse._SubParsersAction, nets: Callable[[], CheckpointNets]) -> None:
+    """Add `dcgan sample` and `dcgan eval ...` to `dcgan`'s sub-commands; `nets` makes the checkpoint
+    reader when a command runs (it imports torch: building the parser stays cheap)."""
+    _add_sample(sub, nets)
+    _add_eval(sub, nets)
 
 
-def _add_sample(sub: argparse._SubParsersAction) -> None:
+def _add_sample(sub: argparse._SubParsersAction, nets: Callable[[], CheckpointNets]) -> None:
     sample = sub.add_parser("sample", help="[grid|interpolate|arithmetic]: a grid of G's samples, latent walks, "
                                            "or vector arithmetic on z, from a checkpoint")
     sample.add_argument("--checkpoint", required=True, type=readable_path,
@@ -256,14 +268,15 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
                                                                      "neighbours (default 0.25, as in the paper)")
     arith.add_argument("--neighbours", type=non_negative_int(), default=None, help="noisy neighbours of the result "
                                                                                    "(default: fill its row)")
-    sample.set_defaults(func=cmd_sample_modes)
+    sample.set_defaults(func=cmd_sample_modes, nets=nets)
 
 
-def _add_eval(sub: argparse._SubParsersAction) -> None:
-    evaluate = sub.add_parser("eval", help="the paper's evaluations of a checkpoint").add_subparsers(
-        dest="eval_command", required=True)
-    _add_eval_features(evaluate)
-    _add_eval_fid(evaluate)
+def _add_eval(sub: argparse._SubParsersAction, nets: Callable[[], CheckpointNets]) -> None:
+    evaluate = sub.add_parser("eval", help="the paper's evaluations of a checkpoint")
+    evaluate.set_defaults(nets=nets)
+    commands = evaluate.add_subparsers(dest="eval_command", required=True)
+    _add_eval_features(commands)
+    _add_eval_fid(commands)
 
 
 def _add_eval_features(evaluate: argparse._SubParsersAction) -> None:

@@ -1,19 +1,8 @@
-"""The generator block in plain PyTorch: what the fused kernels must reproduce, and the fallback."""
+"""BatchNorm folded into a conv-transpose for inference: the fused block's eval-mode weights, in plain PyTorch."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-
-
-def conv_transpose_bn_relu_reference(x: torch.Tensor, weight: torch.Tensor, gamma: torch.Tensor,
-                                     beta: torch.Tensor, running_mean: torch.Tensor | None,
-                                     running_var: torch.Tensor | None, *, stride: int, padding: int,
-                                     training: bool, momentum: float | None, eps: float) -> torch.Tensor:
-    """ReLU(BatchNorm(conv_transpose2d(x, weight))), as nn.ConvTranspose2d -> nn.BatchNorm2d -> nn.ReLU."""
-    y = F.conv_transpose2d(x, weight, stride=stride, padding=padding)
-    y = F.batch_norm(y, running_mean, running_var, gamma, beta, training, momentum or 0.0, eps)
-    return F.relu(y)
 
 
 def fold_batchnorm(weight: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, running_mean: torch.Tensor,

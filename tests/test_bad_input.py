@@ -26,8 +26,8 @@ import pytest
 from conftest import ROOT, child_env
 from PIL import Image
 
-from cluster.cli import build_parser, main
 from common.arguments import Checked
+from dcgan.cli import build_parser, main
 
 PRESET = str(ROOT / "configs" / "fashion-mnist-32.toml")
 # chmod 000 in the inputs folder
@@ -491,7 +491,7 @@ def unreadable_runs(inputs):
         pytest.skip("no way to run without reading every folder here: running as root and setpriv cannot drop "
                     "CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH")
     env = {k: v for k, v in child_env().items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    started = {case: subprocess.Popen([*prefix, sys.executable, "-m", "cluster.cli", *argv], cwd=inputs, env=env,
+    started = {case: subprocess.Popen([*prefix, sys.executable, "-m", "dcgan", *argv], cwd=inputs, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                for case, argv, _ in UNREADABLE_CASES}
     finished = {case: process.communicate(timeout=300)[1] for case, process in started.items()}

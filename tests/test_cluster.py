@@ -210,7 +210,7 @@ def test_a_killed_worker_is_restarted_from_the_last_checkpoint_and_a_stopped_run
     args = tiny_train_args(fashion_shards, run, "optim.max_steps=16", f"checkpoint.every_steps={EVERY}",
                            "checkpoint.keep_last=2", "cluster.max_failures=1", "precision.zero_stage=2",
                            launcher="ray")
-    training = subprocess.Popen([sys.executable, "-m", "cluster.cli", *args, "--workers", "2"], cwd=ROOT,
+    training = subprocess.Popen([sys.executable, "-m", "dcgan", *args, "--workers", "2"], cwd=ROOT,
                                 env=child_env(), stdout=output.open("w"), stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
@@ -260,7 +260,7 @@ def _wait(what: str, ready, process: subprocess.Popen, output: Path, timeout_s: 
 
 
 def _train_against(head: LocalRayHead, args: list[str], output: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "cluster.cli", *args, "--address", head.gcs_address], cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-m", "dcgan", *args, "--address", head.gcs_address], cwd=ROOT,
                             env=child_env(head.env), stdout=output.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
 
@@ -324,7 +324,7 @@ def test_a_dead_head_ends_the_driver_in_bounded_time_and_resume_auto_continues_o
     target = newest + 5
     args[args.index("optim.max_steps=100000")] = f"optim.max_steps={target}"
     with LocalRayHead(num_cpus=2) as head:
-        res = subprocess.run([sys.executable, "-m", "cluster.cli", *args, "--address", head.gcs_address, "--resume",
+        res = subprocess.run([sys.executable, "-m", "dcgan", *args, "--address", head.gcs_address, "--resume",
                               "auto"], cwd=ROOT, env=child_env(head.env), capture_output=True, text=True, timeout=300)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-3000:]

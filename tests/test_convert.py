@@ -130,7 +130,7 @@ def test_killed_conversion_resumes_to_the_same_shards(lsun_lmdb, tmp_path):
             "--workers", "1", "--quiet"]
     reference = convert("lsun", path, tmp_path / "ref", lsun_options(shard_size=60), progress=False)
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", *args, "--out", str(out)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "dcgan", *args, "--out", str(out)], cwd=ROOT,
                             start_new_session=True)
     deadline = time.time() + 120
     while len(list((out / ".progress").glob("shard-*.json"))) < 3 and time.time() < deadline:
@@ -142,7 +142,7 @@ def test_killed_conversion_resumes_to_the_same_shards(lsun_lmdb, tmp_path):
     for tar in out.glob("shard-*.tar"):  # whatever carries a final name is a whole shard
         with tarfile.open(tar) as t:
             assert len(t.getmembers()) % 2 == 0
-    res = subprocess.run([sys.executable, "-m", "cluster.cli", *args, "--out", str(out)], cwd=ROOT,
+    res = subprocess.run([sys.executable, "-m", "dcgan", *args, "--out", str(out)], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     resumed = read_manifest(out)

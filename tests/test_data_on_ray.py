@@ -35,7 +35,7 @@ def two_nodes():
 
 
 def _dcgan_data(head: LocalRayHead, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cluster.cli", "data", *args, "--quiet", "--address",
+    return subprocess.run([sys.executable, "-m", "dcgan", "data", *args, "--quiet", "--address",
                            head.gcs_address], cwd=ROOT, env=head.env, capture_output=True, text=True, timeout=300)
 
 

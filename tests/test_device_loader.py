@@ -189,14 +189,12 @@ def test_on_cuda_the_set_is_on_the_device_and_batches_never_wait_for_it(grey, mo
     ld = DeviceLoader(grey, rank=0, world_size=1, batch_size=16, seed=0, channels=1, resolution=32, num_workers=2,
                       shuffle_buffer=0, device="cuda")
     assert ld.images.device.type == "cuda" and ld.labels.device.type == "cpu"
-    batches = ld.batches(0)
-    got = [next(batches)]  # drawing the epoch's permutation syncs once
-    torch.cuda.set_sync_debug_mode("error")  # from here any host-device sync raises
+    torch.cuda.set_sync_debug_mode("error")  # any host-device sync raises, the epoch's order included
     try:
-        got += list(batches)
+        got = list(ld.batches(0)) + list(ld.batches(1))
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert len(got) == ld.steps_per_epoch(0) == N // 16
+    assert len(got) == 2 * ld.steps_per_epoch(0) == 2 * (N // 16)
     on_cpu = device_loader(grey)
     by_label = dict(zip(on_cpu.labels.tolist(), on_cpu.images, strict=True))
     for images, labels in got:

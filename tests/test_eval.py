@@ -10,8 +10,8 @@ import torch
 from conftest import run_dcgan, tiny_train_args
 from PIL import Image
 
-from cluster.cli import main
 from data_shards.manifest import MANIFEST_NAME
+from dcgan.cli import main
 from evaluation.datasets import load_fashion_mnist, read_mnist_digits
 from evaluation.errors import EvalError
 from evaluation.features import (

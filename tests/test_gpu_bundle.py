@@ -25,7 +25,7 @@ MAX_BUNDLE_BYTES = 60 << 20
 # what the GPU image brings: CUDA torch with its own dependencies, and the few extras it was built with
 IMAGE_DISTRIBUTIONS = ("torch", "triton", "numpy", "typing-extensions", "sympy", "mpmath", "networkx", "jinja2",
                        "markupsafe", "filelock", "fsspec", "setuptools", "psutil", "packaging", "tqdm", "msgpack",
-                       "py-cpuinfo", "ninja", "einops", "nvidia-ml-py", "pillow", "scipy", "prometheus-client")
+                       "py-cpuinfo", "ninja", "einops", "nvidia-ml-py", "pillow", "scipy")
 
 
 def write_json(path: Path, data: object) -> None:
@@ -121,7 +121,7 @@ def test_bundle_is_small_and_enough_without_this_venv(tmp_path):
     wheels = sorted(bundle.glob("*.whl"))
     names = {w.name.split("-")[0].lower() for w in wheels}
     assert {"deepspeed", "webdataset", "braceexpand", "hjson", "pydantic", "pydantic_core", "pyyaml",
-            "annotated_types", "typing_inspection", "lmdb"} <= names
+            "annotated_types", "typing_inspection", "lmdb", "prometheus_client", "pytest"} <= names
     assert not {n for n in names if n.startswith(("ray", "nvidia_dali"))}
     assert sum(w.stat().st_size for w in wheels) < MAX_BUNDLE_BYTES
     assert next(bundle.glob("deepspeed-*-py3-none-any.whl"))  # no ops compiled in: they build on the GPU machine
@@ -139,8 +139,8 @@ def test_bundle_is_small_and_enough_without_this_venv(tmp_path):
     code = textwrap.dedent(f"""
         import importlib.util, sys
         assert importlib.util.find_spec("ray") is None and importlib.util.find_spec("nvidia") is None
-        import deepspeed, webdataset, pydantic, lmdb, yaml, hjson
-        for module in (deepspeed, webdataset, pydantic, lmdb, yaml, hjson):
+        import deepspeed, webdataset, pydantic, lmdb, yaml, hjson, prometheus_client, pytest
+        for module in (deepspeed, webdataset, pydantic, lmdb, yaml, hjson, prometheus_client, pytest):
             assert module.__file__.startswith({str(site)!r}), module.__file__
         import trainer.engines, trainer.step, data_shards.loader
         import benchmarks.train_throughput, benchmarks.kernels, benchmarks.loader_throughput, benchmarks.gpu_summary
@@ -153,6 +153,14 @@ def test_bundle_is_small_and_enough_without_this_venv(tmp_path):
                          timeout=180)
     assert res.returncode == 0 and "imports ok" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
 
+    # the check's kernel-tests part: pytest from the bundle collects the kernel tests, conftest and all
+    res = subprocess.run([sys.executable, "-S", "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                          str(ROOT / "tests" / "test_kernels.py")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0 and " tests collected" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+
+    check_writes_only_under_out_dir(bundle, env, tmp_path)
+
     out = tmp_path / "matmul_ceiling.json"
     res = subprocess.run([sys.executable, "-S", str(ROOT / "benchmarks" / "matmul_ceiling.py"), "--size", "64",
                           "--warmup", "0", "--rounds", "2", "--out", str(out)],
@@ -160,3 +168,32 @@ def test_bundle_is_small_and_enough_without_this_venv(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     ceilings = json.loads(out.read_text())["ceilings_tflops"]
     assert set(ceilings) == {"bf16", "fp32"} and all(v > 0 for v in ceilings.values())
+
+
+def check_writes_only_under_out_dir(bundle: Path, env: dict[str, str], tmp_path: Path) -> None:
+    """benchmarks/gpu_check.sh with no measuring part: it records the machine, installs the bundle
+    for its python, writes the summary, and leaves the checkout and the home folder as they were."""
+    python = tmp_path / "image-python"  # the image's python3: no site-packages beyond PYTHONPATH
+    python.write_text(f"#!/bin/sh\nexec {sys.executable} -S \"$@\"\n")
+    python.chmod(0o755)
+    home, out = tmp_path / "home", tmp_path / "gpu-check"
+    home.mkdir()
+    before = untracked_files()
+    res = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out)], cwd=tmp_path,
+                         env={**env, "PYTHON": str(python), "GPU_BUNDLE_DIR": str(bundle), "GPU_CHECK_PARTS": "none",
+                              "HOME": str(home)},
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    parts = [json.loads(line) for line in (out / "parts.jsonl").read_text().splitlines()]
+    assert [(p["part"], p["status"]) for p in parts[:2]] == [("machine", "ok"), ("bundle", "ok")], parts
+    assert "torch:" in (out / "machine.txt").read_text() and (out / "summary.txt").exists()
+    assert untracked_files() - before == set()  # no bytecode, caches or results in the checkout
+    assert not any(home.iterdir())
+
+
+def untracked_files() -> set[str]:
+    listed = subprocess.run(["git", "ls-files", "--others", "--exclude-standard", "-z"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout
+    ignored = subprocess.run(["git", "ls-files", "--others", "--ignored", "--exclude-standard", "-z"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout
+    return {p for p in (listed + ignored).split("\0") if p and not p.startswith(".venv/")}

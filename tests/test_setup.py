@@ -80,7 +80,7 @@ def test_a_torch_of_the_pinned_version_in_the_venv_is_kept(tmp_path, no_gpu_path
 ])
 def test_a_command_whose_extra_is_missing_is_a_one_line_error(module, argv, extra):
     """`make run` installs only what training needs: the evaluation then names the extra it lacks."""
-    code = (f"import sys; sys.modules[{module!r}] = None; from cluster.cli import main; "
+    code = (f"import sys; sys.modules[{module!r}] = None; from dcgan.cli import main; "
             f"sys.exit(main({argv!r}))")  # None in sys.modules: the import fails as if not installed
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stderr[-2000:]

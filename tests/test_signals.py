@@ -35,7 +35,7 @@ class Command:
         self.out, self.err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
         with open(self.out, "w") as out, open(self.err, "w") as err:
             # a session of its own: a Ctrl-C meant for pytest must not reach it; the test sends the signals
-            self.process = subprocess.Popen([sys.executable, "-m", "cluster.cli", *args], cwd=ROOT, stdout=out,
+            self.process = subprocess.Popen([sys.executable, "-m", "dcgan", *args], cwd=ROOT, stdout=out,
                                             stderr=err, start_new_session=True)
         self.started: list[psutil.Process] = []
 

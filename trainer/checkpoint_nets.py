@@ -8,8 +8,8 @@ from typing import Any, TypeVar
 
 from trainer.checkpoint import load_module_weights, read_meta, resolve_checkpoint
 from trainer.checkpoint_io import CheckpointError
-from trainer.config import Config, ConfigError, config_from_dict
-from trainer.models import Discriminator, Generator
+from trainer.config import Config, ConfigError, ModelConfig, config_from_dict
+from trainer.models import Discriminator, Generator, init_weights, sample_z
 
 Net = TypeVar("Net", Generator, Discriminator)
 
@@ -59,3 +59,24 @@ def _existing(path: str | Path) -> Path:
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist (give a run folder or a step-XXXXXXXX folder)")
     return path
+
+
+def run_folder_of(checkpoint: Path) -> Path:
+    """The run folder of a resolved checkpoint folder: RUN/checkpoints/step-N -> RUN."""
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+
+
+class CheckpointNets:
+    """The trainer's checkpoints as evaluation's commands read them (evaluation.commands.CheckpointNets)."""
+
+    config = staticmethod(load_checkpoint_config)
+    generator = staticmethod(load_generator)
+    discriminator = staticmethod(load_discriminator)
+    sample_z = staticmethod(sample_z)
+    run_folder = staticmethod(run_folder_of)
+
+    @staticmethod
+    def fresh_discriminator(model: ModelConfig) -> Discriminator:
+        net = Discriminator(model)
+        init_weights(net, model.init_std)
+        return net

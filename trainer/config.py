@@ -56,6 +56,12 @@ class OptimConfig:
     max_steps: int = 0  # > 0 stops there instead of after `epochs`
     seed: int = 0
 
+    def rank_batch(self, ranks: int) -> int:
+        """Each rank's share of the global batch (ConfigError where it does not split evenly)."""
+        if self.batch_size % ranks:
+            raise ConfigError(f"optim.batch_size = {self.batch_size} does not split evenly over {ranks} ranks")
+        return self.batch_size // ranks
+
 
 @dataclass
 class PrecisionConfig:

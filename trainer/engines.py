@@ -13,15 +13,12 @@ from dataclasses import dataclass
 import torch
 
 from trainer.checkpoint_io import install_safe_loading
-from trainer.config import Config, ConfigError
+from trainer.config import Config
 from trainer.precision import Precision
 
 
 def engine_config(cfg: Config, world_size: int, precision: Precision) -> dict:
-    if cfg.optim.batch_size % world_size:
-        raise ConfigError(f"optim.batch_size = {cfg.optim.batch_size} must divide evenly over "
-                          f"{world_size} ranks")
-    micro = cfg.optim.batch_size // world_size
+    micro = cfg.optim.rank_batch(world_size)
     return {
         "train_batch_size": cfg.optim.batch_size,
         "train_micro_batch_size_per_gpu": micro,

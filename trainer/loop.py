@@ -53,7 +53,7 @@ class Trainer:
             for sub in ("samples", "checkpoints"):
                 (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.toml").write_text(to_toml(cfg))
-        self.rank_batch = cfg.optim.batch_size // self.ctx.world_size
+        self.rank_batch = cfg.optim.rank_batch(self.ctx.world_size)
         self.loader = open_loader(
             cfg.data.loader, cfg.data.shards, rank=self.ctx.rank, world_size=self.ctx.world_size,
             batch_size=self.rank_batch, seed=cfg.optim.seed,

@@ -20,6 +20,13 @@ def loss_scaler(engine: Any) -> torch.amp.GradScaler | None:
     return getattr(engine, "torch_autocast_z0_gradscaler", None)
 
 
+def loss_scale_on_device(engine: Any) -> torch.Tensor | None:
+    """The fp16 loss scale as a tensor on the device (None without a scaler): GradScaler.get_scale()
+    would read it to the host, a device sync per step."""
+    scaler = loss_scaler(engine)
+    return scaler._get_scale_async() if scaler is not None else None
+
+
 class RankState:
     def __init__(self, noise: torch.Generator, engines: GanEngines):
         self.noise, self.engines = noise, engines

@@ -15,7 +15,7 @@ from trainer.distributed import DistContext, all_ranks_agree
 from trainer.engines import GanEngines
 from trainer.models import sample_z
 from trainer.precision import Precision
-from trainer.rank_state import loss_scaler
+from trainer.rank_state import loss_scale_on_device
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -49,9 +49,8 @@ def grad_norm_before_step(engine: torch.nn.Module) -> torch.Tensor | None:
     if engine.zero_optimization_stage() > 0:
         return None
     norm = torch.nn.utils.get_total_norm([p.grad for p in engine.module.parameters() if p.grad is not None])
-    scaler = loss_scaler(engine)
-    # the scale as a tensor: GradScaler.get_scale() reads it to the host, a device sync per step
-    return norm / scaler._get_scale_async() if scaler is not None else norm
+    scale = loss_scale_on_device(engine)
+    return norm / scale if scale is not None else norm
 
 
 def grad_norm_after_step(engine: torch.nn.Module, before: torch.Tensor | None) -> torch.Tensor:
@@ -106,6 +105,7 @@ class GanStep:
         self.watch = NonFiniteWatch(ctx.device)
         # D reads real images in the compute dtype (autocast would cast them to it anyway)
         self.input_dtype = precision.dtype or torch.float32
+        self.to_input = to_model_input  # compiled into one kernel under model.compile (trainer/compiled.py)
 
     def raise_if_nonfinite(self) -> None:
         """Stop (NonFiniteLoss) if a loss was not finite since the run started; a host sync.
@@ -132,7 +132,7 @@ class GanStep:
     def __call__(self, images: torch.Tensor, step: int) -> dict[str, torch.Tensor] | None:
         """One step on a loader's batch (uint8 N x H x W x C on the device). Returns the step's
         statistics, or None if it was skipped for a non-finite loss."""
-        real = to_model_input(images, self.input_dtype)
+        real = self.to_input(images, self.input_dtype)
         fake = self.G(sample_z(real.shape[0], self.model, self.noise, self.ctx.device))
         try:
             d_real, d_fake = self.D(real), self.D(fake.detach())
