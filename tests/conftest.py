@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -73,7 +74,7 @@ def child_env(env: dict[str, str] | None = None) -> dict[str, str]:
 
 def run_dcgan(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """The real console entry point in a fresh interpreter, as a user runs it."""
-    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "dcgan", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout, env=child_env(env))
 
 
@@ -170,6 +171,39 @@ def assert_same(a: Any, b: Any, exact: bool = True, atol: float = 0.0, path: str
         assert_same(vars(a), vars(b), exact, atol, f"{path}.__dict__")
     else:
         raise AssertionError(f"{where}: assert_same cannot compare a {type(a).__module__}.{type(a).__qualname__}")
+
+
+def checkpoint_files(checkpoint: Path) -> list[str]:
+    """Every file in a checkpoint folder, relative to it."""
+    return sorted(str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*") if p.is_file())
+
+
+def assert_same_checkpoint(a: Path, b: Path, exact: bool = True, atol: float = 0.0,
+                           restarts: tuple[int, int] = (0, 1)) -> None:
+    """Checkpoint folders `a` (say an uninterrupted run's) and `b` (a resumed one's) hold the same files, and each
+    file the same state leaf by leaf (assert_same): every engine's weights, Adam state and counters, ZeRO's
+    partition files, every rank file's RNG states and loss scalers, trainer.json's counters and config.
+
+    `exact` / `atol` apply to the .pt files' floating tensors. trainer.json holds no wall-clock field; it is
+    compared exactly but for what differs by design: `restarts` (must be `restarts`: the runs' resumes) and
+    config.logging.run_dir (each run's own folder). Any other file is compared byte for byte.
+    """
+    from trainer.checkpoint_io import safe_load
+
+    files = checkpoint_files(a)
+    assert files == checkpoint_files(b), f"{a} and {b} hold different files"
+    assert "trainer.json" in files and any(name.endswith(".pt") for name in files), files
+    for name in files:
+        if name.endswith(".pt"):
+            assert_same(safe_load(a / name), safe_load(b / name), exact, atol, name)
+        elif name == "trainer.json":
+            metas = [json.loads((c / name).read_text()) for c in (a, b)]
+            assert (metas[0].pop("restarts"), metas[1].pop("restarts")) == restarts, f"{name}: restarts"
+            for meta in metas:
+                meta["config"]["logging"].pop("run_dir")
+            assert_same(metas[0], metas[1], path=name)
+        else:
+            assert (a / name).read_bytes() == (b / name).read_bytes(), f"{name} differs"
 
 
 @pytest.fixture(scope="session")

@@ -26,11 +26,10 @@ import pytest
 import torch
 from conftest import ROOT, assert_same, child_env, engine_state, run_dcgan, tiny_train_args
 
-from cluster.cli import main
+from dcgan.cli import main
 from trainer.checkpoint import (
     COMPLETE_NAME,
     MODEL_STATES,
-    PAUSE_IN_SAVE,
     list_checkpoints,
     load_module_weights,
     resolve_checkpoint,
@@ -39,6 +38,8 @@ from trainer.checkpoint_io import CheckpointError, safe_load
 
 STEP = "step-00000030"  # the trained run's newest checkpoint, the one each case damages
 CASE, RESULT = "@@case ", "@@result "
+# how each ZeRO-1 copy is damaged: the net whose optimiser file is poisoned, deleted or cut short
+ZERO_DAMAGES = {"poisoned": "generator", "missing": "discriminator", "truncated": "discriminator"}
 
 
 class Payload:
@@ -72,18 +73,18 @@ def one_error_line(output: str) -> str:
 
 
 def _zero_checkpoints(case: dict[str, Any]) -> None:
-    """A ZeRO-1 checkpoint (Adam's state in files of its own) at step 0, then a copy with G's optimiser file
-    poisoned and one with D's deleted."""
+    """A ZeRO-1 checkpoint (Adam's state in files of its own) at step 0, then a copy per ZERO_DAMAGES with that
+    net's optimiser file damaged so."""
     from trainer.config import load_config
     from trainer.loop import Trainer
 
     Trainer(load_config(case["config"], case["overrides"])).save_checkpoint()
     source = Path(case["run"])
-    for name, damage in (("poisoned", lambda p: poison(p, Path(case["marker"]))), ("missing", Path.unlink)):
+    damages = {"poisoned": lambda p: poison(p, Path(case["marker"])), "missing": Path.unlink, "truncated": truncate}
+    for name, tag in ZERO_DAMAGES.items():
         copy = source.with_name(f"{source.name}-{name}")
         shutil.copytree(source, copy)
-        tag = "generator" if name == "poisoned" else "discriminator"
-        damage(next((copy / "checkpoints" / "step-00000000" / tag).glob("*optim_states.pt")))
+        damages[name](next((copy / "checkpoints" / "step-00000000" / tag).glob("*optim_states.pt")))
 
 
 def _ray_restore(case: dict[str, Any]) -> None:
@@ -169,102 +170,129 @@ def _mount_small_tmpfs(folder: Path, keep: list[Path]) -> str | None:
     return None
 
 
+def _edit_json(change) -> Any:
+    """A damage that rewrites trainer.json as `change(meta)` makes it."""
+    return lambda p: p.write_text(json.dumps(change(json.loads(p.read_text()))))
+
+
+def _wider_generator(meta: dict[str, Any]) -> dict[str, Any]:
+    config = meta["config"]
+    return meta | {"config": config | {"model": config["model"] | {"ngf": 16}}}
+
+
+def _damaged_runs(trained_run: Path, root: Path, markers: Path) -> dict[str, Path]:
+    """A copy of the trained run per fault, its newest checkpoint damaged so; by the fault's name."""
+    damages = {
+        "poisoned-generator": (f"generator/{MODEL_STATES}", lambda p: poison(p, markers / "generator")),
+        "poisoned-discriminator": (f"discriminator/{MODEL_STATES}", lambda p: poison(p, markers / "discriminator")),
+        "poisoned-rank": ("rank-00000.pt", lambda p: poison(p, markers / "rank")),
+        "json-invalid": ("trainer.json", lambda p: p.write_text(p.read_text()[:300])),
+        "json-types": ("trainer.json", _edit_json(lambda meta: {**meta, "step": "30"})),
+        "json-list": ("trainer.json", lambda p: p.write_text("[30, 1]")),
+        "json-other-shape": ("trainer.json", _edit_json(_wider_generator)),
+        "rank-not-a-state": ("rank-00000.pt", lambda p: torch.save([1, 2, 3], p)),
+        "truncated-generator": (f"generator/{MODEL_STATES}", truncate),
+        "truncated-discriminator": (f"discriminator/{MODEL_STATES}", truncate),
+        "truncated-rank": ("rank-00000.pt", truncate),
+        "missing-generator": (f"generator/{MODEL_STATES}", Path.unlink),
+        "missing-rank": ("rank-00000.pt", Path.unlink),
+        "missing-json": ("trainer.json", Path.unlink),
+    }
+    runs = {}
+    for name, (rel, damage) in damages.items():
+        runs[name] = root / name
+        shutil.copytree(trained_run, runs[name])
+        damage(runs[name] / "checkpoints" / STEP / rel)
+    return runs
+
+
+def _train_argv(shards: Path, run: Path, resume: str, *extra: str) -> list[str]:
+    """`dcgan train` one step past the trained run's newest checkpoint."""
+    return [*tiny_train_args(shards, run, "optim.max_steps=31", "precision.dtype=fp32", *extra), "--resume", resume]
+
+
+def _train_cases(shards: Path, trained_run: Path, root: Path, runs: dict[str, Path]) -> list[dict[str, Any]]:
+    """`dcgan train` on each damaged run: --resume auto takes the newest checkpoint; --resume PATH the one given."""
+    def train(name: str, resume: str = "auto") -> dict[str, Any]:
+        return {"name": f"train-{name}", "argv": _train_argv(shards, runs[name], resume)}
+
+    def checkpoint(name: str) -> str:
+        return str(runs[name] / "checkpoints" / STEP)
+
+    auto = ("poisoned-generator", "poisoned-rank", "json-invalid", "rank-not-a-state", "truncated-generator",
+            "truncated-discriminator", "missing-generator")
+    return [
+        *(train(name) for name in auto),
+        train("poisoned-discriminator", checkpoint("poisoned-discriminator")),
+        train("json-types", str(runs["json-types"])),
+        train("json-list", checkpoint("json-list")),
+        train("truncated-rank", checkpoint("truncated-rank")),
+        train("missing-rank", checkpoint("missing-rank")),
+        {"name": "train-auto-missing-rank", "argv": _train_argv(shards, runs["missing-rank"], "auto")},
+        # nets of another size than the checkpoint's: DeepSpeed's own refusal, as one line
+        {"name": "train-other-shape", "argv": _train_argv(shards, root / "other-shape",
+                                                          str(trained_run / "checkpoints" / STEP), "model.ngf=16")},
+    ]
+
+
+def _zero_and_ray_cases(shards: Path, root: Path, markers: Path, runs: dict[str, Path]) -> list[dict[str, Any]]:
+    """ZeRO-1 checkpoints made, damaged and resumed; Ray's restore of damaged checkpoints."""
+    config = str(ROOT / "configs" / "fashion-mnist-32.toml")
+    tiny = ["model.ngf=8", "model.ndf=8", "optim.batch_size=32", "logging.progress=false", f"data.shards={shards}"]
+    zero = root / "zero"
+    return [
+        {"name": "zero-setup", "kind": "zero", "config": config, "run": str(zero), "marker": str(markers / "zero"),
+         "overrides": [*tiny, f"logging.run_dir={zero}", "precision.zero_stage=1", "precision.dtype=fp32"]},
+        *({"name": f"train-zero-{name}", "argv": [
+            *tiny_train_args(shards, zero.with_name(f"zero-{name}"), "precision.zero_stage=1",
+                             "precision.dtype=fp32", "optim.max_steps=1"), "--resume", "auto"]}
+          for name in ZERO_DAMAGES),
+        *({"name": f"ray-{name}", "kind": "ray", "checkpoint": str(runs[name] / "checkpoints" / STEP),
+           "config": config, "overrides": [*tiny, f"logging.run_dir={root / 'ray' / name}", "precision.dtype=fp32"]}
+          for name in ("poisoned-generator", "poisoned-rank", "json-types")),
+    ]
+
+
+def _start_paused_run(argv: list[str], root: Path) -> subprocess.Popen:
+    """`dcgan train` that stops inside its save of step 31, after that checkpoint's first file (the wrapper
+    creates `paused`, naming the file), in a process group of its own for the kill."""
+    with open(root / "killed.log", "w") as log:
+        return subprocess.Popen([sys.executable, str(ROOT / "tests" / "pause_in_save.py"), "31",
+                                 str(root / "paused"), *argv], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                env=child_env(), start_new_session=True)
+
+
 @pytest.fixture(scope="module")
 def faults(fashion_shards, trained_run, tmp_path_factory):
     """Damaged copies of the trained run, and what every train / Ray case did with them."""
     root = tmp_path_factory.mktemp("faults")
     markers = root / "markers"
     markers.mkdir()
-    runs: dict[str, Path] = {}
-
-    def damaged(name: str, *relative: str, damage) -> Path:
-        run = runs[name] = root / name
-        shutil.copytree(trained_run, run)
-        for rel in relative:
-            damage(run / "checkpoints" / STEP / rel)
-        return run
-
-    for tag in ("generator", "discriminator"):
-        damaged(f"poisoned-{tag}", f"{tag}/{MODEL_STATES}", damage=lambda p, t=tag: poison(p, markers / t))
-    damaged("poisoned-rank", "rank-00000.pt", damage=lambda p: poison(p, markers / "rank"))
-    damaged("json-invalid", "trainer.json", damage=lambda p: p.write_text(p.read_text()[:300]))
-    damaged("json-types", "trainer.json",
-            damage=lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "step": "30"})))
-    damaged("json-list", "trainer.json", damage=lambda p: p.write_text("[30, 1]"))
-    damaged("json-other-shape", "trainer.json", damage=lambda p: p.write_text(
-        json.dumps((meta := json.loads(p.read_text())) | {"config": meta["config"] | {
-            "model": meta["config"]["model"] | {"ngf": 16}}})))
-    damaged("rank-not-a-state", "rank-00000.pt", damage=lambda p: torch.save([1, 2, 3], p))
-    damaged("truncated-generator", f"generator/{MODEL_STATES}", damage=truncate)
-    damaged("truncated-rank", "rank-00000.pt", damage=truncate)
-    damaged("missing-generator", f"generator/{MODEL_STATES}", damage=Path.unlink)
-    damaged("missing-rank", "rank-00000.pt", damage=Path.unlink)
-    damaged("missing-json", "trainer.json", damage=Path.unlink)
-    full = root / "disk-full"
-    shutil.copytree(trained_run, full, ignore=shutil.ignore_patterns("checkpoints"))
-
-    def train(run: Path, resume: str, *extra: str) -> list[str]:
-        return [*tiny_train_args(fashion_shards, run, "optim.max_steps=31", "precision.dtype=fp32", *extra),
-                "--resume", resume]
-
-    def checkpoint(name: str) -> str:
-        return str(runs[name] / "checkpoints" / STEP)
-
-    config = str(ROOT / "configs" / "fashion-mnist-32.toml")
-    tiny = ["model.ngf=8", "model.ndf=8", "optim.batch_size=32", "logging.progress=false",
-            f"data.shards={fashion_shards}"]
-    zero = root / "zero"
-    cases = [
-        # --resume auto takes the newest checkpoint; --resume PATH the one given
-        {"name": "train-poisoned-generator", "argv": train(runs["poisoned-generator"], "auto")},
-        {"name": "train-poisoned-discriminator", "argv": train(runs["poisoned-discriminator"],
-                                                               checkpoint("poisoned-discriminator"))},
-        {"name": "train-poisoned-rank", "argv": train(runs["poisoned-rank"], "auto")},
-        {"name": "train-json-invalid", "argv": train(runs["json-invalid"], "auto")},
-        {"name": "train-json-types", "argv": train(runs["json-types"], str(runs["json-types"]))},
-        {"name": "train-json-list", "argv": train(runs["json-list"], checkpoint("json-list"))},
-        {"name": "train-rank-not-a-state", "argv": train(runs["rank-not-a-state"], "auto")},
-        # nets of another size than the checkpoint's: DeepSpeed's own refusal, as one line
-        {"name": "train-other-shape", "argv": train(root / "other-shape", str(trained_run / "checkpoints" / STEP),
-                                                    "model.ngf=16")},
-        {"name": "train-truncated-generator", "argv": train(runs["truncated-generator"], "auto")},
-        {"name": "train-truncated-rank", "argv": train(runs["truncated-rank"], checkpoint("truncated-rank"))},
-        {"name": "train-missing-generator", "argv": train(runs["missing-generator"], "auto")},
-        {"name": "train-missing-rank", "argv": train(runs["missing-rank"], checkpoint("missing-rank"))},
-        {"name": "zero-setup", "kind": "zero", "config": config, "run": str(zero), "marker": str(markers / "zero"),
-         "overrides": [*tiny, f"logging.run_dir={zero}", "precision.zero_stage=1", "precision.dtype=fp32"]},
-        *({"name": f"train-zero-{name}", "argv": [
-            *tiny_train_args(fashion_shards, zero.with_name(f"zero-{name}"), "precision.zero_stage=1",
-                             "precision.dtype=fp32", "optim.max_steps=1"), "--resume", "auto"]}
-          for name in ("poisoned", "missing")),
-        *({"name": f"ray-{name}", "kind": "ray", "checkpoint": checkpoint(name), "config": config,
-           "overrides": [*tiny, f"logging.run_dir={root / 'ray' / name}", "precision.dtype=fp32"]}
-          for name in ("poisoned-generator", "poisoned-rank", "json-types")),
-    ]
+    runs = _damaged_runs(trained_run, root, markers)
+    cases = [*_train_cases(fashion_shards, trained_run, root, runs),
+             *_zero_and_ray_cases(fashion_shards, root, markers, runs)]
     # a run killed inside a save (started now, alongside the driver), then the same run again from the driver
-    killed, go = root / "killed", root / "go"
+    killed, go, full = root / "killed", root / "go", root / "disk-full"
     shutil.copytree(trained_run, killed)
-    killed_argv = train(killed, "auto", "checkpoint.every_steps=1")
+    killed_argv = _train_argv(fashion_shards, killed, "auto", "checkpoint.every_steps=1")
     cases += [{"name": "wait-for-the-kill", "kind": "wait", "go": str(go)},
               {"name": "train-after-the-kill", "argv": killed_argv}]
+    shutil.copytree(trained_run, full, ignore=shutil.ignore_patterns("checkpoints"))
     victim = driver = None
     not_mounted = "not tried"
     try:
         not_mounted = _mount_small_tmpfs(full / "checkpoints", list_checkpoints(trained_run / "checkpoints"))
         if not_mounted is None:
-            cases.insert(-2, {"name": "train-disk-full", "argv": train(full, "auto")})
+            cases.insert(-2, {"name": "train-disk-full", "argv": _train_argv(fashion_shards, full, "auto")})
         for case in cases:
             case.setdefault("kind", "cli")
-        with open(root / "killed.log", "w") as log:
-            victim = subprocess.Popen([sys.executable, "-m", "cluster.cli", *killed_argv], cwd=ROOT, stdout=log,
-                                      stderr=subprocess.STDOUT, env=child_env({PAUSE_IN_SAVE: "31"}),
-                                      start_new_session=True)
+        victim = _start_paused_run(killed_argv, root)
         driver = start_driver(cases, root)
         crash = kill_inside_the_save(victim, killed, root)
         go.touch()
         results = driver_results(driver, cases, root)
-        yield {"root": root, "runs": runs, "markers": markers, "results": results, "zero": zero, "full": full,
-               "not_mounted": not_mounted, "shards": fashion_shards, "killed": killed, "crash": crash}
+        yield {"root": root, "runs": runs, "markers": markers, "results": results, "zero": root / "zero",
+               "full": full, "not_mounted": not_mounted, "shards": fashion_shards, "killed": killed, "crash": crash}
     finally:
         go.touch()
         for process in (victim, driver):
@@ -276,16 +304,16 @@ def faults(fashion_shards, trained_run, tmp_path_factory):
 
 
 def kill_inside_the_save(victim: subprocess.Popen, run: Path, root: Path) -> dict[str, Any]:
-    """SIGKILL to `victim`'s process group once its save of step 31 has written every part but not renamed the
-    folder; then what the run folder holds, and what each way of finding a checkpoint takes from it."""
-    tmp = run / "checkpoints" / ".tmp-step-00000031"
+    """SIGKILL to `victim`'s process group once its save of step 31 has written its first file and no other;
+    then what the run folder holds, and what each way of finding a checkpoint takes from it."""
+    tmp, paused = run / "checkpoints" / ".tmp-step-00000031", root / "paused"
     deadline = time.monotonic() + 300
-    while not (tmp / "paused").exists() and victim.poll() is None and time.monotonic() < deadline:
+    while not paused.exists() and victim.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    paused = (tmp / "paused").exists()
+    was_paused = paused.exists()
     os.killpg(victim.pid, signal.SIGKILL)
     victim.wait()
-    assert paused, (root / "killed.log").read_text()[-3000:]
+    assert was_paused, (root / "killed.log").read_text()[-3000:]
     shutil.copytree(tmp, root / "killed-state")
     try:
         resolve_checkpoint(tmp)
@@ -293,7 +321,8 @@ def kill_inside_the_save(victim: subprocess.Popen, run: Path, root: Path) -> dic
     except CheckpointError as e:
         tmp_refusal = str(e)
     return {
-        "tmp": sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*")),
+        "first_file": paused.read_text().strip(),
+        "tmp": sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()),
         "folders": sorted(p.name for p in (run / "checkpoints").iterdir()),
         "listed": [p.name for p in list_checkpoints(run / "checkpoints")],
         "resolved": {str(p): resolve_checkpoint(p).name for p in (run, run / "checkpoints")},
@@ -347,6 +376,12 @@ def test_a_poisoned_zero_optimiser_file_is_refused_and_a_missing_one_named(fault
     assert not list(faults["markers"].iterdir())
 
 
+def test_a_truncated_zero_optimiser_file_is_refused_naming_it(faults):
+    folder = faults["zero"].with_name("zero-truncated") / "checkpoints" / "step-00000000" / "discriminator"
+    (path,) = folder.glob("*optim_states.pt")
+    assert "damaged or cut short" in refused(faults, "train-zero-truncated", path)
+
+
 @pytest.mark.parametrize("case, expected", [
     ("json-invalid", "unreadable"),
     ("json-types", "step must be a non-negative integer, not '30'"),
@@ -358,13 +393,17 @@ def test_train_resume_refuses_a_bad_trainer_json(faults, case, expected):
 
 
 @pytest.mark.parametrize("case, rel, expected", [
-    ("truncated-generator", f"generator/{MODEL_STATES}", "damaged or cut short"),
+    ("truncated-generator", f"generator/{MODEL_STATES}", "damaged or cut short"),  # --resume auto
+    ("truncated-discriminator", f"discriminator/{MODEL_STATES}", "damaged or cut short"),  # --resume auto
     ("truncated-rank", "rank-00000.pt", "damaged or cut short"),
-    ("missing-generator", f"generator/{MODEL_STATES}", "checkpoint file not found"),
+    ("missing-generator", f"generator/{MODEL_STATES}", "checkpoint file not found"),  # --resume auto
     ("missing-rank", "rank-00000.pt", "checkpoint file not found"),
 ])
 def test_train_resume_refuses_a_truncated_or_missing_file(faults, case, rel, expected):
-    assert expected in refused(faults, f"train-{case}", faults["runs"][case] / "checkpoints" / STEP / rel)
+    checkpoints = faults["runs"][case] / "checkpoints"
+    line = refused(faults, f"train-{case}", checkpoints / STEP / rel)
+    assert expected in line and line.endswith(f"; to continue from the checkpoint before it: --resume "
+                                              f"{checkpoints / 'step-00000020'}")
 
 
 def test_train_resume_refuses_a_rank_file_that_holds_no_rank_state(faults):
@@ -377,10 +416,16 @@ def test_train_resume_into_nets_of_another_size_is_one_line(faults, trained_run)
     assert "DeepSpeed cannot load it (RuntimeError: Error(s) in loading state_dict" in line and "size mismatch" in line
 
 
-def test_a_run_folder_whose_newest_checkpoint_lacks_a_rank_file_continues_from_the_one_before(faults):
-    """A copy to storage cut short lacks files; the newest complete checkpoint is taken, as before."""
-    run = faults["runs"]["missing-rank"]
-    assert resolve_checkpoint(run) == run / "checkpoints" / "step-00000020"
+def test_a_checkpoint_marked_complete_that_lacks_a_file_is_refused_not_passed_over(faults):
+    """Marked complete, it was whole when written: a file gone since is damage to report, not an unfinished save
+    to pass over (those have no mark, and are), so --resume auto does not silently go back to an older one."""
+    checkpoints = faults["runs"]["missing-rank"] / "checkpoints"
+    assert list_checkpoints(checkpoints)[-1].name == STEP
+    line = refused(faults, "train-auto-missing-rank", checkpoints / STEP / "rank-00000.pt")
+    assert "checkpoint file not found" in line and f"--resume {checkpoints / 'step-00000020'}" in line
+    for path in (checkpoints.parent, checkpoints):  # --resume RUN, dcgan sample --checkpoint RUN
+        with pytest.raises(CheckpointError, match=re.escape(str(checkpoints / STEP / "rank-00000.pt"))):
+            resolve_checkpoint(path)
 
 
 @pytest.mark.parametrize("case", ["ray-poisoned-generator", "ray-poisoned-rank", "ray-json-types"])
@@ -451,9 +496,10 @@ def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(f
 
 def test_a_run_killed_inside_a_save_leaves_no_checkpoint_and_the_next_resumes(faults):
     crash, run = faults["crash"], faults["killed"]
-    # every part was written, only the rename was missing: the most complete a half-saved checkpoint gets
-    assert {"trainer.json", "rank-00000.pt", f"generator/{MODEL_STATES}", f"discriminator/{MODEL_STATES}",
-            "paused"} <= set(crash["tmp"])
+    # killed half way: the save had written the generator's part and nothing else
+    first = f"generator/{MODEL_STATES}"
+    assert crash["first_file"] == str(run / "checkpoints" / ".tmp-step-00000031" / first)
+    assert crash["tmp"] == [first]
     assert crash["folders"] == [".tmp-step-00000031", "step-00000020", STEP]
     assert crash["listed"] == ["step-00000020", STEP]
     assert set(crash["resolved"].values()) == {STEP}  # --resume auto, --resume RUN, --resume RUN/checkpoints
@@ -468,9 +514,8 @@ def test_a_run_killed_inside_a_save_leaves_no_checkpoint_and_the_next_resumes(fa
     assert not list((run / "checkpoints").glob(".tmp-*"))
     resumed = run / "checkpoints" / "step-00000031"
     assert json.loads((resumed / "trainer.json").read_text())["restarts"] == 1
-    # resumed from step 30, it reached exactly the state the killed run had written
-    for tag in ("generator", "discriminator"):
-        assert_same(engine_state(resumed, tag), engine_state(faults["root"] / "killed-state", tag))
+    # resumed from step 30, it reached exactly the state the killed run had begun to write
+    assert_same(engine_state(resumed, "generator"), safe_load(faults["root"] / "killed-state" / first))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import torch
 from conftest import (
     ROOT,
     assert_same,
+    assert_same_checkpoint,
     child_env,
     engine_state,
     model_state,
@@ -58,19 +59,33 @@ def test_sample_command(trained_run, tmp_path):
 
 
 def test_resume_is_bit_identical_fp32(fashion_shards, trained_run, tmp_path):
-    # 2,048 images / 32 = 64 steps per epoch: stop at 20 (mid-epoch), resume to 30
+    # 2,048 images / 32 = 64 steps per epoch: stop at 20 (mid-epoch), resume to 30; the trained run's settings
     first = tmp_path / "a"
-    extra = ("checkpoint.every_steps=10", "precision.dtype=fp32")
+    extra = ("checkpoint.every_steps=10", "checkpoint.keep_last=2", "precision.dtype=fp32")
     res = run_dcgan(*tiny_train_args(fashion_shards, first, "optim.max_steps=20", *extra))
     assert res.returncode == 0, res.stderr[-3000:]
     res = run_dcgan(*tiny_train_args(fashion_shards, first, "optim.max_steps=30", *extra), "--resume", str(first))
     assert res.returncode == 0, res.stderr[-3000:]
     a, b = trained_run / "checkpoints" / "step-00000030", first / "checkpoints" / "step-00000030"
+    assert_part_of_the_comparison(a, steps=30)
+    # every file, every leaf: weights, Adam state, DeepSpeed's counters, the noise and torch RNGs, the loss
+    # scalers, and trainer.json's step, epoch and step_in_epoch (restarts: 0 and 1)
+    assert_same_checkpoint(a, b)
+
+
+def assert_part_of_the_comparison(checkpoint: Path, steps: int) -> None:
+    """What a resume must restore is there to compare (a comparison of empty states would prove nothing)."""
     for tag in ("generator", "discriminator"):
-        assert engine_state(a, tag)["optimizer"]["state"]  # Adam moments are part of the comparison
-        assert_same(engine_state(a, tag), engine_state(b, tag))
-    # the latent-noise stream continues exactly where the uninterrupted run is
-    assert torch.equal(safe_load(a / "rank-00000.pt")["noise_rng"], safe_load(b / "rank-00000.pt")["noise_rng"])
+        state = engine_state(checkpoint, tag)
+        assert state["global_steps"] == steps
+        # Adam's moments and step: in the engine's file, or under ZeRO 1/2 in one file per rank's partition
+        partitions = zero_optimizer_states(checkpoint, tag).values()
+        assert (state["optimizer"] or {}).get("state") or partitions and all(
+            p["optimizer_state_dict"]["base_optimizer_state"]["state"] for p in partitions)
+    for rank_file in checkpoint.glob("rank-*.pt"):
+        assert {"noise_rng", "torch_rng", "grad_scalers"} <= safe_load(rank_file).keys()
+    meta = read_meta(checkpoint)
+    assert meta["step"] == steps and {"epoch", "step_in_epoch", "skipped_steps"} <= meta.keys()
 
 
 def whole_and_resumed(shards, tmp_path, steps, dtype):
@@ -93,10 +108,8 @@ BF16_RESUME_ATOL = 0.0
 
 def test_resume_bf16_within_tolerance(fashion_shards, tmp_path):
     whole, resumed = whole_and_resumed(fashion_shards, tmp_path, 16, "bf16")
-    for tag in ("generator", "discriminator"):
-        a, b = engine_state(whole, tag), engine_state(resumed, tag)
-        assert a["optimizer"]["state"] and a["global_steps"] == 16  # Adam's state and the counters are compared
-        assert_same(a, b, exact=BF16_RESUME_ATOL == 0, atol=BF16_RESUME_ATOL)
+    assert_part_of_the_comparison(whole, steps=16)
+    assert_same_checkpoint(whole, resumed, exact=BF16_RESUME_ATOL == 0, atol=BF16_RESUME_ATOL)
 
 
 def test_unknown_key_and_missing_shards_are_one_line_errors(tmp_path):
@@ -193,6 +206,41 @@ def test_assert_same_compares_every_leaf_and_refuses_what_it_cannot():
         assert_same({"opaque": object()}, {"opaque": object()})
 
 
+def test_assert_same_checkpoint_fails_on_any_leaf_it_should_compare(trained_run, tmp_path):
+    source = trained_run / "checkpoints" / "step-00000030"
+
+    def copy_changed(name: str, change) -> Path:
+        copy = shutil.copytree(source, tmp_path / name)
+        change(copy)
+        return copy
+
+    def rewrite(rel: str, edit):
+        def change(copy: Path) -> None:
+            state = safe_load(copy / rel)
+            edit(state)
+            torch.save(state, copy / rel)
+        return change
+
+    def meta_edit(edit):
+        return lambda c: (c / "trainer.json").write_text(json.dumps(edit(json.loads((c / "trainer.json").read_text()))))
+
+    # the run folder's name and the resumes may differ; nothing else
+    moved = copy_changed("moved", meta_edit(lambda m: {**m, "restarts": 1, "config": {**m["config"], "logging": {
+        **m["config"]["logging"], "run_dir": "elsewhere"}}}))
+    assert_same_checkpoint(source, moved)
+    adam = "generator/mp_rank_00_model_states.pt"
+    changes = {
+        "['torch_rng']": rewrite("rank-00000.pt", lambda s: s["torch_rng"].__setitem__(0, s["torch_rng"][0] ^ 1)),
+        "['exp_avg']": rewrite(adam, lambda s: s["optimizer"]["state"][0]["exp_avg"].add_(1.0)),
+        "['step_in_epoch']": meta_edit(lambda m: {**m, "restarts": 1, "step_in_epoch": m["step_in_epoch"] + 1}),
+        "different files": lambda c: (c / "discriminator" / "extra").write_bytes(b""),
+        "complete differs": lambda c: (c / "complete").write_text("x"),
+    }
+    for i, (where, change) in enumerate(changes.items()):
+        with pytest.raises(AssertionError, match=re.escape(where)):
+            assert_same_checkpoint(source, copy_changed(str(i), change))
+
+
 def two_rank_training(run: Path, dumps: Path, *overrides: str, resume: Path | None = None) -> None:
     """tests/dist_worker.py on 2 ranks under torchrun: 12 steps of the real Trainer, checkpoints every 6."""
     dumps.mkdir()
@@ -221,6 +269,12 @@ def assert_checkpoint_holds_mean_of_ranks_statistics(checkpoint: Path, dumps: Pa
         assert torch.equal(model_state(checkpoint, tag)[buffer], (r0 + r1) / 2), name
 
 
+# Measured on CPU (gloo, fp32 ZeRO 0 and bf16 ZeRO 2, 12 steps resumed at 6): bit for bit in both rank files, every
+# weight, BatchNorm statistic, Adam moment and step, ZeRO partition and counter; gloo's 2-rank reductions are
+# deterministic, so a tolerance would only hide a resume that restores the state slightly wrong.
+TWO_RANK_RESUME_ATOL = 0.0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("zero_stage, dtype", [(0, "fp32"), (2, "bf16")])
 def test_two_ranks_keep_identical_parameters(fashion_shards, tmp_path, zero_stage, dtype):
@@ -236,24 +290,22 @@ def test_two_ranks_keep_identical_parameters(fashion_shards, tmp_path, zero_stag
     for step in (6, 12):
         assert_checkpoint_holds_mean_of_ranks_statistics(run / "checkpoints" / f"step-{step:08d}", dumps, step)
 
-    # resume the 2-rank run from step 6 into another folder: step 12's checkpoint again, bit for bit
-    # (measured, fp32 ZeRO 0 and bf16 ZeRO 2: every weight, BN statistic, Adam moment and step, and counter)
+    # resume the 2-rank run from step 6 into another folder: step 12's checkpoint again, within TWO_RANK_RESUME_ATOL
     again = tmp_path / "again"
     two_rank_training(again, tmp_path / "again-dumps", *settings, resume=run / "checkpoints" / "step-00000006")
     a, b = run / "checkpoints" / "step-00000012", again / "checkpoints" / "step-00000012"
+    assert_part_of_the_comparison(a, steps=12)
+    assert sorted(p.name for p in a.glob("rank-*.pt")) == ["rank-00000.pt", "rank-00001.pt"]
     for tag in ("generator", "discriminator"):
-        whole, resumed = engine_state(a, tag), engine_state(b, tag)
-        assert whole["global_steps"] == 12 and whole["skipped_steps"] == 0
-        assert_same(whole, resumed)
         # ZeRO 1/2: Adam's state and the fp32 master weights live in one file per rank's partition
         partitions = zero_optimizer_states(a, tag)
         if zero_stage:
             assert len(partitions) == 2
             assert all(p["optimizer_state_dict"]["base_optimizer_state"]["state"] for p in partitions.values())
         else:
-            assert not partitions and whole["optimizer"]["state"]
-        assert_same(partitions, zero_optimizer_states(b, tag))
-    assert read_meta(b)["step"] == 12 and read_meta(b)["restarts"] == 1
+            assert not partitions and engine_state(a, tag)["optimizer"]["state"]
+    # both rank files, every engine and ZeRO partition file, trainer.json's counters
+    assert_same_checkpoint(a, b, exact=TWO_RANK_RESUME_ATOL == 0, atol=TWO_RANK_RESUME_ATOL)
 
 
 @pytest.mark.slow

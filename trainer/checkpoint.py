@@ -10,8 +10,10 @@ written its part, so a folder named step-* is always complete: a crash mid-save 
 temp folder, which the next save removes, and which nothing loads. A save that fails (a full
 disk) removes its temp folder and raises CheckpointWriteError on every rank.
 
-Loading checks the folder first (trainer.json's fields, every file there), so a damaged or
-incomplete checkpoint is refused with one line naming the file, and the checkpoint before it.
+A step-* folder without the `complete` mark is a copy cut short (Ray uploads file by file) and is
+passed over. One with the mark that lacks a file, or holds one cut short, is damage, not an
+unfinished save: loading it, `--resume auto` included, is refused with one line naming the file
+and the checkpoint before it to continue from, never silently replaced by an older one.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import errno
 import json
 import os
 import shutil
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -40,9 +41,6 @@ META_NAME = "trainer.json"
 COMPLETE_NAME = "complete"
 MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's file of a net's weights (and, without ZeRO, Adam's state)
 NETS = ("generator", "discriminator")
-# Test hook: with DCGAN_FAULT_PAUSE_IN_SAVE=N, the save of step N stops after every part is written, just before the
-# rename, and creates `paused` in its temp folder, so that a test can kill the process inside that window.
-PAUSE_IN_SAVE = "DCGAN_FAULT_PAUSE_IN_SAVE"
 
 
 @dataclass
@@ -67,41 +65,38 @@ def _fsync_dir(path: Path) -> None:
 
 
 def list_checkpoints(folder: str | Path) -> list[Path]:
-    """Complete checkpoints under `folder`, oldest first."""
+    """Checkpoints under `folder` marked complete, oldest first (whether their files are intact is for
+    loading to check: a marked checkpoint with a file missing is damage to report, not to pass over)."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and _is_complete(p))
+    return sorted(p for p in folder.iterdir()
+                  if p.is_dir() and p.name.startswith(PREFIX) and (p / COMPLETE_NAME).is_file())
 
 
-def _is_complete(checkpoint: Path) -> bool:
-    """Marked complete when written, and trainer.json and every rank's file are there.
+def _needed_files(checkpoint: Path, world_size: int) -> list[Path]:
+    """Every file loading reads, besides trainer.json (ZeRO's optimiser files are DeepSpeed's to name)."""
+    return [*(_rank_file(checkpoint, r) for r in range(world_size)), *(checkpoint / tag / MODEL_STATES for tag in NETS)]
 
-    A trainer.json that is there but unreadable counts: resuming then names the damage instead of
-    silently continuing from an older checkpoint.
-    """
-    if not (checkpoint / COMPLETE_NAME).is_file() or not (checkpoint / META_NAME).is_file():
-        return False
+
+def _has_every_file(checkpoint: Path) -> bool:
     try:
-        world_size = read_meta(checkpoint)["world_size"]
+        return all(path.is_file() for path in _needed_files(checkpoint, read_meta(checkpoint)["world_size"]))
     except CheckpointError:
-        return True
-    return all(_rank_file(checkpoint, r).is_file() for r in range(world_size))
+        return False
 
 
 def _earlier(checkpoint: Path) -> str:
-    """"; the checkpoint before it: PATH", to continue from when `checkpoint` cannot be."""
-    before = [p for p in list_checkpoints(checkpoint.parent) if p.name < checkpoint.name]
-    return f"; the checkpoint before it: {before[-1]}" if before else ""
+    """"; to continue from the checkpoint before it: --resume PATH", when `checkpoint` cannot be loaded."""
+    before = [p for p in list_checkpoints(checkpoint.parent) if p.name < checkpoint.name and _has_every_file(p)]
+    return f"; to continue from the checkpoint before it: --resume {before[-1]}" if before else ""
 
 
 def check_checkpoint(checkpoint: Path) -> dict[str, Any]:
     """trainer.json (validated) of a checkpoint folder that holds every file loading reads; else CheckpointError."""
     try:
         meta = read_meta(checkpoint)
-        needed = [_rank_file(checkpoint, r) for r in range(meta["world_size"])]
-        needed += [checkpoint / tag / MODEL_STATES for tag in NETS]
-        for path in needed:
+        for path in _needed_files(checkpoint, meta["world_size"]):
             if not path.is_file():
                 raise CheckpointError(f"checkpoint file not found: {path}")
     except CheckpointError as e:
@@ -126,8 +121,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         if found:
             check_checkpoint(found[-1])
             return found[-1]
-    raise CheckpointError(f"no complete checkpoint (a {PREFIX}* folder marked {COMPLETE_NAME}, with {META_NAME} "
-                          f"and every rank's file) in {path}")
+    raise CheckpointError(f"no complete checkpoint (a {PREFIX}* folder marked {COMPLETE_NAME}) in {path}")
 
 
 def earlier_run_error(run_dir: str, newest: str) -> ConfigError:
@@ -141,7 +135,10 @@ def checkpoint_to_resume(resume: str | None, earlier: list[Path], run_dir: str) 
     `earlier` checkpoints, if any), or nothing; without --resume, a run folder that holds `earlier`
     checkpoints is refused rather than mixed with a new run."""
     if resume == "auto":
-        return earlier[-1] if earlier else None
+        if not earlier:
+            return None
+        check_checkpoint(earlier[-1])  # now: a damaged one fails in a second, not after the engines are up
+        return earlier[-1]
     if resume:
         return resolve_checkpoint(resume)
     if earlier:
@@ -313,9 +310,6 @@ class Checkpointer(CheckpointStore):
         self._all_written(failed, name, tmp)
         if self.ctx.is_main:
             (tmp / COMPLETE_NAME).touch()  # the rename below is what publishes it; the marker keeps one rule
-            if os.environ.get(PAUSE_IN_SAVE) == str(state.step):
-                (tmp / "paused").touch()
-                time.sleep(3600)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
