@@ -94,10 +94,11 @@ def _train_here(cfg, resume: str | None) -> int:
     """This process is the rank (a single process, or one rank under torchrun / deepspeed)."""
     from data_shards.manifest import read_manifest_for
     from trainer.checkpoint import checkpoint_to_resume, list_checkpoints
+    from trainer.config import CHECKPOINTS
     from trainer.loop import Trainer
 
     # a typo in a path fails here, in a second, not after the ranks and engines are up
-    start = checkpoint_to_resume(resume, list_checkpoints(Path(cfg.logging.run_dir) / "checkpoints"),
+    start = checkpoint_to_resume(resume, list_checkpoints(Path(cfg.logging.run_dir) / CHECKPOINTS),
                                  cfg.logging.run_dir)
     read_manifest_for(cfg.data.shards, cfg.model.resolution, cfg.model.channels)
     trainer = Trainer(cfg)

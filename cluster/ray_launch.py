@@ -21,9 +21,9 @@ from typing import Any
 
 from cluster.scaling import WorkerPlan, plan_workers, shortfall
 from common.ray_address import check_reachable, in_ray_job
-from trainer.config import Config, ConfigError
+from trainer.config import CHECKPOINTS, Config, ConfigError
 
-CHECKPOINTS = "checkpoints"  # RunConfig.name: the folder under the storage root
+# RunConfig.name is CHECKPOINTS: Ray's folder under the storage root is named as a run folder's checkpoints are
 _SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's reported checkpoints
 
 

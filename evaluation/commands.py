@@ -154,6 +154,7 @@ def cmd_eval_features(args: argparse.Namespace) -> int:
     opts = FeatureEvalOptions(labels=args.labels, subsets=args.subsets, train_limit=args.train_limit,
                               test_limit=args.test_limit, mnist_train=args.mnist_train, folds=args.folds,
                               cv_limit=args.cv_limit, seed=args.seed, batch_size=args.batch_size, sources=args.sources,
+                              random_seeds=args.random_seeds, bn_images=args.bn_images,
                               fashion_root=args.fashion_dir, mnist_root=args.mnist_dir)
     report = checkpoint_feature_eval(nets, folder, opts, log=lambda line: print(line, flush=True))
     json_path, md_path = write_report(report, Path(args.out) if args.out else nets.run_folder(folder) / "eval",
@@ -282,8 +283,9 @@ def _add_eval(sub: argparse._SubParsersAction, nets: Callable[[], CheckpointNets
 def _add_eval_features(evaluate: argparse._SubParsersAction) -> None:
     feats = evaluate.add_parser(
         "features", help="D's features + a linear L2-SVM on Fashion-MNIST and MNIST (paper section 5.1)",
-        description="D's LeakyReLU outputs max-pooled to 4x4, concatenated and standardised, classified by a "
-                    "linear L2-SVM (C by k-fold CV on training labels); the same for raw pixels and a random D. "
+        description="D's LeakyReLU outputs max-pooled to 4x4 and concatenated (D's BatchNorm statistics first "
+                    "recomputed on real images), classified by a linear L2-SVM (preprocessing and C by k-fold CV on "
+                    "training labels); the same for raw pixels and randomly initialised Ds. "
                     "Tasks: Fashion-MNIST with all (--train-limit) labels, with --labels labels (mean +- std over "
                     "--subsets class-balanced subsets), and transfer to MNIST digits. About 5 minutes on 2 CPU "
                     "cores for a 32x32 ndf=64 D with the defaults.")
@@ -299,8 +301,13 @@ def _add_eval_features(evaluate: argparse._SubParsersAction) -> None:
     feats.add_argument("--mnist-train", type=positive_int(), default=8000,
                        help="MNIST digits for training (rest: test)")
     feats.add_argument("--folds", type=integer(2), default=3, help="cross-validation folds for C")
-    feats.add_argument("--cv-limit", type=non_negative_int(), default=3000,
-                       help="training rows the C search uses at most (0: all)")
+    feats.add_argument("--cv-limit", type=non_negative_int(), default=0,
+                       help="training rows the C search uses at most (0: all, the size of the final fit)")
+    feats.add_argument("--random-seeds", type=positive_int(), default=3,
+                       help="randomly initialised Ds for the random-D baseline (mean +- std over them)")
+    feats.add_argument("--bn-images", type=non_negative_int(), default=10_000,
+                       help="real training images D's BatchNorm statistics are recomputed on before its "
+                            "features are read (0: D's own running statistics)")
     feats.add_argument("--sources", type=_sources, default=("trained D", "random D", "raw pixels"),
                        help="features to compare: trained,random,pixels (default: all three)")
     feats.add_argument("--seed", type=seed(), default=0)

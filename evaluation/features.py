@@ -1,10 +1,12 @@
 """The paper's representation-learning protocol (section 5.1): D's features + a linear L2-SVM.
 
 Every LeakyReLU output of D's convolutional stack is max-pooled to a 4 x 4 grid, flattened and
-concatenated (sum over layers of channels x 16 dimensions: 7,168 for ndf = 64 at 32x32),
-standardised with statistics of the training images only, and classified by a one-vs-rest
-linear SVM with the squared hinge loss (an L2-SVM), C chosen by k-fold cross-validation on
-training labels only. Baselines: the same SVM on raw pixels and on a randomly initialised D.
+concatenated (sum over layers of channels x 16 dimensions: 7,168 for ndf = 64 at 32x32) and
+classified by a one-vs-rest linear SVM with the squared hinge loss (an L2-SVM). D's BatchNorm
+statistics are first recomputed on real training images (`recalibrated`). Every feature set
+gets the same choices by k-fold cross-validation on training labels only, at the training size
+the final fit uses: per-feature standardisation or one scale, and C from a grid widened past any
+end it picks. Baselines: the same SVM on raw pixels, and on randomly initialised Ds (several seeds).
 
 The SVM solves exactly sklearn LinearSVC's problem (squared hinge, intercept_scaling = 1, so the
 bias is regularised like a weight), per class k with y_ik in {-1, +1}:
@@ -21,6 +23,7 @@ their span: a Cholesky factor of the Gram matrix has the same inner products), w
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -39,9 +42,15 @@ from evaluation.datasets import LabelledImages, load_fashion_mnist, load_mnist_s
 from evaluation.errors import EvalError
 
 GRID = 4
-# C = c / feature dimension: standardised features have a mean squared norm of about the dimension,
-# so the same c means the same balance of margin and fit for 1,024 pixels and 7,168 D features
-C_GRID = (0.3, 3.0, 30.0)
+# C = c / feature dimension: both preprocessings give rows a mean squared norm of about the dimension,
+# so the same c means the same balance of margin and fit for 1,024 pixels and 7,168 D features. A
+# decade grid, widened past its ends whenever cross-validation picks an end (EDGE_STEPS times at most)
+C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
+EDGE_STEPS = 3
+# each feature set gets the preprocessing that suits it, chosen with C by the same cross-validation:
+# per-feature standardisation, or one scale for all (relative scales kept: raw pixels near the
+# border are almost always -1, and standardising them blows their rare values up to hundreds)
+PREPROCESSINGS = ("standardised", "scaled")
 
 
 # --- features ------------------------------------------------------------------------------------
@@ -88,6 +97,29 @@ def discriminator_features(discriminator: nn.Module, pixels: np.ndarray, batch_s
     return out
 
 
+@torch.no_grad()
+def recalibrated(discriminator: nn.Module, pixels: np.ndarray, batch_size: int = 500,
+                 device: torch.device | str = "cpu") -> nn.Module:
+    """A copy of D whose BatchNorm running statistics are recomputed on real images `pixels`.
+
+    The statistics a trained D keeps are a moving average over its training forwards: one on real
+    images and two on G's samples per step (D's forward inside G's update runs in train mode too;
+    freezing parameters does not freeze buffers), so they describe mostly fakes. Features of real
+    images should be normalised as a D normalises real data: here each BatchNorm's statistics are
+    reset and rebuilt as the cumulative average (momentum None) over batches of `pixels` in train
+    mode. The weights are untouched; the copy is returned in eval mode.
+    """
+    net = copy.deepcopy(discriminator).to(device)
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+    net.train()
+    for start in range(0, len(pixels), batch_size):
+        net.features(to_model_range(pixels[start:start + batch_size]).to(device))
+    return net.eval()
+
+
 def pixel_features(pixels: np.ndarray) -> np.ndarray:
     """uint8 (N, C, R, R) -> float32 (N, C*R*R) in [-1, 1]: the raw-pixel baseline."""
     return to_model_range(pixels).flatten(1).numpy()
@@ -95,6 +127,8 @@ def pixel_features(pixels: np.ndarray) -> np.ndarray:
 
 class Standardiser:
     """Per-feature mean and standard deviation of the training rows (constant features: scale 1)."""
+
+    name = "standardised"
 
     def __init__(self, train: np.ndarray, chunk: int = 4096):
         # two passes in float64 over row chunks: exact enough, and no float64 copy of the whole matrix
@@ -107,6 +141,26 @@ class Standardiser:
 
     def __call__(self, x: np.ndarray) -> torch.Tensor:
         return (torch.from_numpy(x) - self.mean) / self.scale
+
+
+class GlobalScale:
+    """One scale for every feature: the training rows' root mean square (their mean squared norm
+    becomes the dimension, as after standardising), no shift. The SVM sees the features as they
+    are, up to a constant that the C grid would absorb anyway."""
+
+    name = "scaled"
+
+    def __init__(self, train: np.ndarray, chunk: int = 4096):
+        data = torch.from_numpy(train)
+        mean_square = sum(part.double().square().sum() for part in data.split(chunk)) / max(data.numel(), 1)
+        self.scale = float(mean_square.sqrt()) or 1.0
+
+    def __call__(self, x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(x) / self.scale
+
+
+def preprocessing(name: str, train: np.ndarray) -> Standardiser | GlobalScale:
+    return {"standardised": Standardiser, "scaled": GlobalScale}[name](train)
 
 
 # --- the L2-SVM ----------------------------------------------------------------------------------
@@ -182,11 +236,31 @@ def decision_scores(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return x @ weights[:-1] + weights[-1]
 
 
+def _cv_accuracy(xs: torch.Tensor, ys: np.ndarray, classes: int, cs: Sequence[float], folds: int, seed: int,
+                 gram: torch.Tensor | None) -> dict[float, float]:
+    """Mean k-fold validation accuracy for each C (the same folds for every C: seeded)."""
+    scores: dict[float, list[float]] = {c: [] for c in cs}
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for train, val in splitter.split(np.zeros(len(ys)), ys):
+        sub_gram = gram[train][:, train] if gram is not None else None
+        path = SvmPath(xs[train], ys[train], classes, gram=sub_gram)
+        for c in sorted(cs):
+            coef = path.fit(c)
+            if gram is not None:
+                scores_val = gram[val][:, train] @ coef
+            else:
+                scores_val = decision_scores(xs[val], path.feature_weights(coef))
+            scores[c].append(float((scores_val.argmax(1).numpy() == ys[val]).mean()))
+    return {c: float(np.mean(v)) for c, v in scores.items()}
+
+
 def select_c(x: torch.Tensor, y: np.ndarray, classes: int, c_grid: Sequence[float], folds: int, seed: int,
              cv_limit: int = 0) -> tuple[float, dict[float, float]]:
-    """The C of the grid with the best mean k-fold accuracy (ties: the smaller C) on training rows only.
+    """The C with the best mean k-fold accuracy (ties: the smaller C) on training rows only.
 
-    With `cv_limit`, the folds come from a seeded random subset of that many training rows.
+    Where the best C is an end of the grid, the grid grows by a decade past that end (EDGE_STEPS
+    times at most), so the choice is not the grid's edge. With `cv_limit`, the folds come from a
+    seeded random subset of that many training rows (0: all, the size the final fit uses).
     """
     index = np.arange(len(y))
     if cv_limit and len(y) > cv_limit:
@@ -197,35 +271,40 @@ def select_c(x: torch.Tensor, y: np.ndarray, classes: int, c_grid: Sequence[floa
         raise EvalError(f"{folds}-fold cross-validation needs at least {folds} examples of every class; "
                         f"{len(ys)} training labels hold {fewest} of one (give more labels or fewer --folds)")
     gram = xs @ xs.t() + 1 if 2 * len(xs) * (folds - 1) < folds * xs.shape[1] else None
-    scores: dict[float, list[float]] = {c: [] for c in c_grid}
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    for train, val in splitter.split(np.zeros(len(ys)), ys):
-        sub_gram = gram[train][:, train] if gram is not None else None
-        path = SvmPath(xs[train], ys[train], classes, gram=sub_gram)
-        for c in sorted(c_grid):
-            coef = path.fit(c)
-            if gram is not None:
-                scores_val = gram[val][:, train] @ coef
-            else:
-                scores_val = decision_scores(xs[val], path.feature_weights(coef))
-            scores[c].append(float((scores_val.argmax(1).numpy() == ys[val]).mean()))
-    means = {c: float(np.mean(v)) for c, v in scores.items()}
-    best = max(sorted(c_grid), key=lambda c: means[c])
+    means = _cv_accuracy(xs, ys, classes, c_grid, folds, seed, gram)
+    for _ in range(EDGE_STEPS):
+        grid = sorted(means)
+        best = max(grid, key=lambda c: means[c])
+        inner = grid[1] if best == grid[0] else grid[-2] if best == grid[-1] else None
+        # an end that merely ties its neighbour is a plateau (tiny Cs all give the class-mean direction)
+        if inner is None or len(grid) == 1 or means[best] <= means[inner]:
+            break
+        means.update(_cv_accuracy(xs, ys, classes, [best / 10 if best == grid[0] else best * 10], folds, seed,
+                                  gram))
+    best = max(sorted(means), key=lambda c: means[c])
     return best, means
 
 
-def train_and_test(train_x: torch.Tensor, train_y: np.ndarray, test_x: torch.Tensor, test_y: np.ndarray,
-                   classes: int, c_grid: Sequence[float], folds: int, seed: int, cv_limit: int = 0
-                   ) -> dict[str, Any]:
-    """C by cross-validation on the training rows, then one fit on all of them; test accuracy."""
+def train_and_test(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
+                   classes: int, c_grid: Sequence[float], folds: int, seed: int, cv_limit: int = 0,
+                   preprocessings: Sequence[str] = PREPROCESSINGS) -> dict[str, Any]:
+    """Preprocessing and C by cross-validation on the training rows, then one fit on all of them;
+    test accuracy. Features are raw (N, dim) float32; each preprocessing is fitted on `train_x`."""
     started = time.perf_counter()
-    scaled_grid = [c / train_x.shape[1] for c in c_grid]
-    c, cv = select_c(train_x, train_y, classes, scaled_grid, folds, seed, cv_limit)
-    path = SvmPath(train_x, train_y, classes)
+    dim = train_x.shape[1]
+    scaled_grid = [c / dim for c in c_grid]
+    chosen: dict[str, tuple[Any, float, dict[float, float]]] = {}
+    for name in preprocessings:
+        prep = preprocessing(name, train_x)
+        chosen[name] = (prep, *select_c(prep(train_x), train_y, classes, scaled_grid, folds, seed, cv_limit))
+    name = max(preprocessings, key=lambda n: chosen[n][2][chosen[n][1]])  # ties: the first listed
+    prep, c, _ = chosen[name]
+    path = SvmPath(prep(train_x), train_y, classes)
     weights = path.feature_weights(path.fit(c))
-    accuracy = float((decision_scores(test_x, weights).argmax(1).numpy() == test_y).mean())
-    return {"accuracy": accuracy, "error": 1 - accuracy, "C": c, "cv_accuracy": {f"{k:.3g}": v for k, v in cv.items()},
-            "train": len(train_y), "test": len(test_y), "lbfgs_iterations": path.iterations[-1],
+    accuracy = float((decision_scores(prep(test_x), weights).argmax(1).numpy() == test_y).mean())
+    cv = {n: {f"{k * dim:.3g}": v for k, v in sorted(chosen[n][2].items())} for n in preprocessings}
+    return {"accuracy": accuracy, "error": 1 - accuracy, "preprocessing": name, "C": c, "c": round(c * dim, 6),
+            "cv_accuracy": cv, "train": len(train_y), "test": len(test_y), "lbfgs_iterations": path.iterations[-1],
             "seconds": round(time.perf_counter() - started, 2)}
 
 
@@ -257,9 +336,11 @@ class FeatureEvalOptions:
     test_limit: int = 0  # 0: all 10,000 Fashion-MNIST test images; else a seeded random subset (quick runs)
     mnist_train: int = 8000  # of the package's 10,000 digits; the rest are the test set
     folds: int = 3
-    cv_limit: int = 3000  # C is chosen on at most this many training rows (0: all)
+    cv_limit: int = 0  # C is chosen on at most this many training rows (0: all, the size of the final fit)
     c_grid: tuple[float, ...] = C_GRID
     seed: int = 0
+    random_seeds: int = 3  # random-D baselines, initialised from seed, seed + 1, ...
+    bn_images: int = 10_000  # real training images D's BatchNorm statistics are recomputed on (0: D's own)
     batch_size: int = 500
     sources: tuple[str, ...] = ("trained D", "random D", "raw pixels")
     fashion_root: str | None = None
@@ -308,18 +389,14 @@ def _evaluate_source(extract: Callable[[np.ndarray], np.ndarray], data: _Data, o
     classes = 10
     result: dict[str, Any] = {"dim": int(pool.shape[1])}
 
-    train = pool[where[data.full_index]]
-    scaler = Standardiser(train)
     result["fashion_all"] = train_and_test(
-        scaler(train), data.fashion_train.labels[data.full_index], scaler(test), data.fashion_test.labels, classes,
-        opts.c_grid, opts.folds, opts.seed, opts.cv_limit)
-    del train
+        pool[where[data.full_index]], data.fashion_train.labels[data.full_index], test, data.fashion_test.labels,
+        classes, opts.c_grid, opts.folds, opts.seed, opts.cv_limit)
     log(f"  fashion, {len(data.full_index)} labels: {result['fashion_all']['accuracy']:.4f}")
 
     runs = []
     for i, subset in enumerate(data.subsets):
-        scaler = Standardiser(pool[where[subset]])
-        runs.append(train_and_test(scaler(pool[where[subset]]), data.fashion_train.labels[subset], scaler(test),
+        runs.append(train_and_test(pool[where[subset]], data.fashion_train.labels[subset], test,
                                    data.fashion_test.labels, classes, opts.c_grid, opts.folds, opts.seed + i))
     if runs:
         accs = np.array([r["accuracy"] for r in runs])
@@ -331,8 +408,7 @@ def _evaluate_source(extract: Callable[[np.ndarray], np.ndarray], data: _Data, o
     started_mnist = time.perf_counter()
     mnist_train, mnist_test = extract(data.mnist_train.images), extract(data.mnist_test.images)
     extract_s += time.perf_counter() - started_mnist
-    scaler = Standardiser(mnist_train)
-    result["mnist_transfer"] = train_and_test(scaler(mnist_train), data.mnist_train.labels, scaler(mnist_test),
+    result["mnist_transfer"] = train_and_test(mnist_train, data.mnist_train.labels, mnist_test,
                                               data.mnist_test.labels, classes, opts.c_grid, opts.folds, opts.seed,
                                               opts.cv_limit)
     log(f"  MNIST transfer: {result['mnist_transfer']['accuracy']:.4f}")
@@ -354,14 +430,22 @@ def run_feature_eval(opts: FeatureEvalOptions, resolution: int, channels: int, *
     started = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     data = _load_data(resolution, channels, opts)
-    extractors: dict[str, Callable[[np.ndarray], np.ndarray]] = {"raw pixels": pixel_features}
+    real = data.fashion_train.images[_random_subset(len(data.fashion_train), opts.bn_images, opts.seed + 1)] \
+        if opts.bn_images else None
+
+    def d_features(net: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
+        net = recalibrated(net, real, opts.batch_size, device) if real is not None else net
+        return lambda p: discriminator_features(net, p, opts.batch_size, device)
+
+    extractors: dict[str, list[Callable[[np.ndarray], np.ndarray]]] = {"raw pixels": [pixel_features]}
     if trained is not None:
-        extractors["trained D"] = lambda p: discriminator_features(trained, p, opts.batch_size, device)
+        extractors["trained D"] = [d_features(trained)]
     if random_d is not None:
-        with torch.random.fork_rng():
-            torch.manual_seed(opts.seed)
-            baseline = random_d()
-        extractors["random D"] = lambda p: discriminator_features(baseline, p, opts.batch_size, device)
+        extractors["random D"] = []
+        for k in range(opts.random_seeds):
+            with torch.random.fork_rng():
+                torch.manual_seed(opts.seed + k)
+                extractors["random D"].append(d_features(random_d()))
     unknown = set(opts.sources) - set(extractors)
     if unknown:
         raise EvalError(f"feature sources {sorted(unknown)} unavailable (a trained D needs a checkpoint)")
@@ -372,44 +456,65 @@ def run_feature_eval(opts: FeatureEvalOptions, resolution: int, channels: int, *
         "protocol": {**{k: v for k, v in asdict(opts).items() if k not in ("fashion_root", "mnist_root")},
                      "fashion_train_used": len(data.full_index), "fashion_test_used": len(data.fashion_test),
                      "mnist_test": len(data.mnist_test), "grid": GRID,
-                     "c": "c_grid / feature dimension, chosen by stratified k-fold CV on training labels",
-                     "standardised_on": "each task's training rows"},
+                     "c": "c_grid / feature dimension, chosen by stratified k-fold CV on training labels, "
+                          "the grid widened past an end the CV picks",
+                     "preprocessing": "standardised or scaled (one RMS scale), chosen with C by the same CV; "
+                                      "fitted on each task's training rows",
+                     "batchnorm": f"D's statistics recomputed on {len(real):,} real training images"
+                                  if real is not None else "D's own running statistics"},
         "sources": {},
     }
     for name in opts.sources:
-        log(f"{name}:")
-        report["sources"][name] = _evaluate_source(extractors[name], data, opts, log)
+        runs = []
+        for k, extract in enumerate(extractors[name]):
+            log(f"{name}:" if len(extractors[name]) == 1 else f"{name}, seed {opts.seed + k}:")
+            runs.append(_evaluate_source(extract, data, opts, log))
+        report["sources"][name] = runs[0] if len(runs) == 1 else across_seeds(runs)
     report["total_s"] = round(time.perf_counter() - started, 1)
     return report
+
+
+def across_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One source's results over several initialisations: each task's mean and std over the seeds
+    (for the few-label task, over the seeds' means), the runs kept under "seeds"."""
+    result: dict[str, Any] = {"dim": runs[0]["dim"], "seeds": runs}
+    for task in ("fashion_all", "fashion_labels", "mnist_transfer"):
+        if task in runs[0]:
+            accs = np.array([r[task]["accuracy"] for r in runs])
+            result[task] = {"accuracy": float(accs.mean()), "accuracy_std": float(accs.std(ddof=1)),
+                            "error": float(1 - accs.mean()), "over": f"{len(runs)} seeds"}
+    result["extract_s"] = round(sum(r["extract_s"] for r in runs), 1)
+    result["total_s"] = round(sum(r["total_s"] for r in runs), 1)
+    return result
 
 
 def _percent(x: float) -> str:
     return f"{100 * x:.2f}"
 
 
+def _cell(task: dict[str, Any]) -> str:
+    spread = f" ± {_percent(task['accuracy_std'])}" if "accuracy_std" in task else ""
+    return f"{_percent(task['accuracy'])}{spread} % ({_percent(task['error'])} % err)"
+
+
 def markdown_table(report: dict[str, Any]) -> str:
     protocol = report["protocol"]
     columns = [f"Fashion-MNIST, {protocol['fashion_train_used']:,} labels",
-               f"Fashion-MNIST, {protocol['labels']:,} labels (mean ± std of {protocol['subsets']})",
+               f"Fashion-MNIST, {protocol['labels']:,} labels (mean ± std of {protocol['subsets']} subsets)",
                f"MNIST transfer ({protocol['mnist_train']:,} train)"]
     lines = ["| features | dim | " + " | ".join(columns) + " |",
              "| --- | ---: | " + " | ".join("---:" for _ in columns) + " |"]
     for name, r in report["sources"].items():
-        cells = [f"{_percent(r['fashion_all']['accuracy'])} % ({_percent(r['fashion_all']['error'])} % err)"]
-        if "fashion_labels" in r:
-            sub = r["fashion_labels"]
-            cells.append(f"{_percent(sub['accuracy'])} ± {_percent(sub['accuracy_std'])} % "
-                         f"({_percent(sub['error'])} % err)")
-        else:
-            cells.append("-")
-        cells.append(f"{_percent(r['mnist_transfer']['accuracy'])} % ({_percent(r['mnist_transfer']['error'])} % err)")
-        lines.append(f"| {name} | {r['dim']:,} | " + " | ".join(cells) + " |")
+        cells = [_cell(r[task]) if task in r else "-" for task in ("fashion_all", "fashion_labels", "mnist_transfer")]
+        seeds = f" (mean ± std of {len(r['seeds'])} seeds)" if "seeds" in r else ""
+        lines.append(f"| {name}{seeds} | {r['dim']:,} | " + " | ".join(cells) + " |")
     lines.append("")
     limit = f" (at most {protocol['cv_limit']:,} rows)" if protocol["cv_limit"] else ""
     lines.append(f"Test accuracy (error) on {protocol['fashion_test_used']:,} Fashion-MNIST and "
-                 f"{protocol['mnist_test']:,} MNIST test images. Linear L2-SVM on standardised features; "
-                 f"C = c / dim, c in {list(protocol['c_grid'])} by {protocol['folds']}-fold CV on training "
-                 f"labels{limit}. Total {report['total_s']:.0f} s.")
+                 f"{protocol['mnist_test']:,} MNIST test images. Linear L2-SVM; preprocessing (standardised "
+                 f"or one scale) and C = c / dim (c from {list(protocol['c_grid'])}, widened past an end when "
+                 f"picked) by {protocol['folds']}-fold CV on training labels{limit}. "
+                 f"{protocol.get('batchnorm', '')}. Total {report['total_s']:.0f} s.")
     return "\n".join(lines) + "\n"
 
 

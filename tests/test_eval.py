@@ -15,6 +15,7 @@ from dcgan.cli import main
 from evaluation.datasets import load_fashion_mnist, read_mnist_digits
 from evaluation.errors import EvalError
 from evaluation.features import (
+    EDGE_STEPS,
     FeatureEvalOptions,
     SvmPath,
     decision_scores,
@@ -22,7 +23,10 @@ from evaluation.features import (
     feature_dim,
     labelled_subsets,
     pixel_features,
+    recalibrated,
     run_feature_eval,
+    select_c,
+    train_and_test,
 )
 from evaluation.fid import (
     RunningStats,
@@ -160,6 +164,74 @@ def test_l2svm_solves_linearsvc_problem(shape):
     assert (ours == ref.predict(x)).mean() > 0.99
 
 
+def test_recalibrated_batchnorm_holds_the_statistics_of_real_batches():
+    """D's BatchNorm statistics, rebuilt on real images: each layer's running mean is the mean of its
+    inputs over those images (equal batches), its running variance the batches' average variance;
+    the weights are D's, and a feature then does not depend on the rest of its batch."""
+    _, discriminator = build_models(TINY, seed=1)
+    for norm in (m for m in discriminator.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        norm.running_mean.fill_(5.0)  # statistics of something else entirely, as fakes would leave
+    pixels = np.random.default_rng(0).integers(0, 256, (120, 1, 32, 32), dtype=np.uint8)
+    calibrated = recalibrated(discriminator, pixels, batch_size=40)
+    assert not calibrated.training and discriminator.features[0].weight is not calibrated.features[0].weight
+    assert torch.equal(discriminator.features[0].weight, calibrated.features[0].weight)
+    # the inputs each BatchNorm saw, from D's own layers run by hand on the same three batches
+    inputs: dict[int, list[torch.Tensor]] = {}
+    for start in range(0, 120, 40):
+        x = (torch.from_numpy(pixels[start:start + 40]).float() / 127.5 - 1)
+        with torch.no_grad():
+            for i, module in enumerate(calibrated.features):
+                if isinstance(module, torch.nn.BatchNorm2d):
+                    inputs.setdefault(i, []).append(x.clone())
+                    x = torch.nn.functional.batch_norm(x, None, None, module.weight, module.bias, True)
+                else:
+                    x = module(x)
+    assert len(inputs) == 2
+    for i, batches in inputs.items():
+        norm = calibrated.features[i]
+        mean = torch.stack([b.mean((0, 2, 3)) for b in batches]).mean(0)
+        var = torch.stack([b.var((0, 2, 3), unbiased=True) for b in batches]).mean(0)
+        torch.testing.assert_close(norm.running_mean, mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(norm.running_var, var, rtol=1e-4, atol=1e-5)
+    alone = discriminator_features(calibrated, pixels[:3], batch_size=3)
+    among = discriminator_features(calibrated, pixels[:50], batch_size=50)[:3]
+    np.testing.assert_allclose(alone, among, rtol=1e-5, atol=1e-6)
+
+
+def test_c_is_never_the_grid_s_edge_when_the_grid_can_grow():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 20)).astype(np.float32)
+    y = (x[:, :3] @ rng.normal(size=(3, 3))).argmax(1)
+    x += 0.3 * rng.normal(size=x.shape).astype(np.float32)
+    # a grid far too small: its top end wins, so the grid grows upwards until the best is inside it
+    c, means = select_c(torch.from_numpy(x), y, 3, [1e-4, 1e-3], folds=3, seed=0)
+    grid = sorted(means)
+    assert len(grid) > 2 and grid[0] < c < grid[-1], means
+    assert means[c] > means[1e-3]
+    # at the bottom, tiny Cs tie (all give the class-mean direction): a plateau is not widened
+    c, means = select_c(torch.from_numpy(x), y, 3, [1e-8, 1e-7], folds=3, seed=0)
+    assert len(means) <= 2 + EDGE_STEPS
+
+
+def test_preprocessing_is_chosen_by_cross_validation():
+    """Raw-pixel-like features: a few informative ones, and many that are almost always 0 with rare
+    large values. Standardising blows the rare values up; one scale keeps them small. The CV sees it."""
+    rng = np.random.default_rng(0)
+    n = 600
+    signal = rng.normal(size=(n, 5)).astype(np.float32)
+    y = (signal @ rng.normal(size=(5, 4))).argmax(1)
+    rare = (rng.random((n, 300)) < 0.01) * rng.normal(size=(n, 300)) * 0.5
+    x = np.concatenate([signal, rare.astype(np.float32)], 1)
+    train, test = slice(0, 400), slice(400, n)
+    both = train_and_test(x[train], y[train], x[test], y[test], 4, (0.01, 0.1, 1, 10, 100), folds=3, seed=0)
+    best_cv = {name: max(scores.values()) for name, scores in both["cv_accuracy"].items()}
+    assert set(best_cv) == {"standardised", "scaled"}
+    assert both["preprocessing"] == max(best_cv, key=best_cv.get) == "scaled", best_cv
+    only = train_and_test(x[train], y[train], x[test], y[test], 4, (0.01, 0.1, 1, 10, 100), folds=3, seed=0,
+                          preprocessings=("standardised",))
+    assert both["accuracy"] > only["accuracy"], (both["accuracy"], only["accuracy"])
+
+
 def test_label_subsets_are_balanced_reproducible_and_from_train():
     from data_shards.sources.fashion_mnist import load_split
 
@@ -180,7 +252,7 @@ def test_feature_protocol_end_to_end(two_step_run, tmp_path):
     out = tmp_path / "eval"
     res = run_dcgan("eval", "features", "--checkpoint", str(two_step_run), "--train-limit", "2000",
                     "--test-limit", "500", "--labels", "200", "--subsets", "2", "--mnist-train", "2000",
-                    "--cv-limit", "900", "--out", str(out), timeout=240)
+                    "--cv-limit", "900", "--random-seeds", "2", "--bn-images", "1000", "--out", str(out), timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "| raw pixels | 1,024 |" in res.stdout and "| trained D | 896 |" in res.stdout
     report = json.loads((out / "features-step-00000002.json").read_text())
@@ -190,6 +262,14 @@ def test_feature_protocol_end_to_end(two_step_run, tmp_path):
     sources = report["sources"]
     assert set(sources) == {"trained D", "random D", "raw pixels"}
     assert sources["trained D"]["dim"] == sources["random D"]["dim"] == 896
+    assert "| random D (mean ± std of 2 seeds) | 896 |" in res.stdout
+    assert len(sources["random D"]["seeds"]) == 2 and sources["random D"]["fashion_all"]["accuracy_std"] >= 0
+    assert protocol["batchnorm"] == "D's statistics recomputed on 1,000 real training images"
+    for name in sources:
+        for task in ("fashion_all", "mnist_transfer"):
+            chosen = (sources[name].get("seeds") or [sources[name]])[0][task]
+            assert chosen["preprocessing"] in ("standardised", "scaled") and set(chosen["cv_accuracy"]) == {
+                "standardised", "scaled"}
     raw = sources["raw pixels"]
     assert raw["fashion_all"]["accuracy"] > 0.70, raw["fashion_all"]
     assert raw["fashion_all"]["train"] == 2000 and raw["fashion_all"]["test"] == 500
@@ -202,7 +282,7 @@ def test_feature_protocol_end_to_end(two_step_run, tmp_path):
 
 def test_feature_protocol_is_seeded():
     opts = FeatureEvalOptions(train_limit=600, test_limit=200, labels=100, subsets=2, mnist_train=500, cv_limit=300,
-                              sources=("random D",))
+                              sources=("random D",), random_seeds=1, bn_images=300)
 
     def random_d():  # the protocol seeds the factory's draws with opts.seed
         net = Discriminator(TINY)
@@ -305,6 +385,10 @@ def test_kid_subsets_are_smaller_than_the_sets_so_their_spread_is_real():
     assert shifted > 10 * max(means) and spread > 0
     # the smallest sets: subsets of 3 from 6 still differ
     assert kernel_inception_distance(rng.normal(size=(6, 5)), rng.normal(size=(6, 5)), subsets=10)[1] > 0
+    # more images, larger subsets, a tighter estimate: the std shrinks as n grows (about as 1/n for MMD^2)
+    data = rng.normal(size=(3200, 32))
+    spreads = [kernel_inception_distance(data[:n], data[n:2 * n], subsets=20)[1] for n in (50, 200, 1600)]
+    assert spreads[0] > 2 * spreads[1] > 4 * spreads[2] > 0, spreads
 
 
 class CountingExtractor:

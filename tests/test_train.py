@@ -165,6 +165,21 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(fashion_shards, tra
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == good
 
 
+def test_nonfinite_loss_stops_the_run_within_one_log_window(fashion_shards, trained_run, tmp_path):
+    """No checkpoint or sample grid comes before the step-35 window here: the window's own read of
+    the device flag must stop the run, not the final checkpoint 165 steps later."""
+    run = tmp_path / "nan-window"
+    shutil.copytree(trained_run, run)
+    poison_generator(run / "checkpoints" / "step-00000030")
+    res = run_dcgan(*tiny_train_args(fashion_shards, run, "optim.max_steps=200", "checkpoint.every_steps=1000",
+                                     "logging.sample_every=1000", "precision.dtype=fp32"),
+                    "--resume", str(run / "checkpoints" / "step-00000030"))
+    assert res.returncode == 2 and "loss_d is not finite at step 31" in res.stderr, res.stderr[-2000:]
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 30  # the step-35 window stopped the run before writing its record
+    assert not list((run / "samples").glob("step-0000003[1-9].png"))
+
+
 def test_nonfinite_loss_skip_policy(fashion_shards, trained_run, tmp_path):
     run = tmp_path / "skip"
     shutil.copytree(trained_run, run)

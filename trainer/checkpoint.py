@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from trainer.checkpoint_io import CheckpointError, CheckpointWriteError, safe_load, save_file, write_text
-from trainer.config import ConfigError
+from trainer.config import CHECKPOINTS, ConfigError
 from trainer.distributed import DistContext, all_ranks_agree, barrier
 from trainer.engines import GanEngines
 
@@ -116,7 +116,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if (path / META_NAME).is_file() or (path.name.startswith(PREFIX) and path.is_dir()):
         check_checkpoint(path)
         return path
-    for folder in (path / "checkpoints", path):
+    for folder in (path / CHECKPOINTS, path):
         found = list_checkpoints(folder)
         if found:
             check_checkpoint(found[-1])

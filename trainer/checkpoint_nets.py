@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 from trainer.checkpoint import load_module_weights, read_meta, resolve_checkpoint
 from trainer.checkpoint_io import CheckpointError
-from trainer.config import Config, ConfigError, ModelConfig, config_from_dict
+from trainer.config import CHECKPOINTS, Config, ConfigError, ModelConfig, config_from_dict
 from trainer.models import Discriminator, Generator, init_weights, sample_z
 
 Net = TypeVar("Net", Generator, Discriminator)
@@ -63,7 +63,7 @@ def _existing(path: str | Path) -> Path:
 
 def run_folder_of(checkpoint: Path) -> Path:
     """The run folder of a resolved checkpoint folder: RUN/checkpoints/step-N -> RUN."""
-    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+    return checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS else checkpoint.parent
 
 
 class CheckpointNets:

@@ -78,6 +78,9 @@ class CheckpointConfig:
     on_nonfinite: str = "stop"  # stop | skip
 
 
+CHECKPOINTS = "checkpoints"  # a run folder's checkpoints: RUN/checkpoints/step-XXXXXXXX
+
+
 @dataclass
 class LoggingConfig:
     run_dir: str = "runs/dcgan"

@@ -14,7 +14,7 @@ from data_shards.loaders import open_loader
 from data_shards.manifest import ShardSetError
 from evaluation.images import generate, save_grid
 from trainer.checkpoint import Checkpointer, CheckpointStore, TrainState
-from trainer.config import Config, to_toml
+from trainer.config import CHECKPOINTS, Config, to_toml
 from trainer.distributed import DistContext, average_batchnorm_stats, barrier, init_distributed
 from trainer.engines import GanEngines, build_engines
 from trainer.metrics import MetricsLog, StepMeter
@@ -50,7 +50,7 @@ class Trainer:
             print(choice.reason, flush=True)
             if choice.warning:
                 print(choice.warning, file=sys.stderr, flush=True)
-            for sub in ("samples", "checkpoints"):
+            for sub in ("samples", CHECKPOINTS):
                 (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.toml").write_text(to_toml(cfg))
         self.rank_batch = cfg.optim.rank_batch(self.ctx.world_size)
@@ -74,7 +74,7 @@ class Trainer:
         self.noise = torch.Generator(self.ctx.device).manual_seed(cfg.optim.seed * 100_003 + 1 + self.ctx.rank)
         self.rank_state = RankState(self.noise, self.engines)
         self.fixed_z = sample_z(64, cfg.model, torch.Generator().manual_seed(cfg.optim.seed), self.ctx.device)
-        self.checkpointer = checkpointer or Checkpointer(self.run_dir / "checkpoints", self.ctx,
+        self.checkpointer = checkpointer or Checkpointer(self.run_dir / CHECKPOINTS, self.ctx,
                                                          cfg.checkpoint.keep_last, cfg.to_dict())
         self.step_hooks: list[StepHook] = []
         self.metrics = NoMetrics()  # served while fit() runs
