@@ -100,6 +100,7 @@ bench: setup  ## every benchmark; each prints a table and writes benchmarks/resu
 	$(BIN)/python benchmarks/loader_throughput.py
 	$(BIN)/python benchmarks/ray_overhead.py
 	$(BIN)/python benchmarks/metrics_overhead.py
+	$(BIN)/python benchmarks/sync_batchnorm.py
 	$(BIN)/python benchmarks/kernels.py
 
 lint: setup

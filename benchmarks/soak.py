@@ -89,8 +89,9 @@ def being_written(launcher: str, run_dir: Path, step: int) -> bool:
 
 
 def kill_plan(steps: int, kills: int, rng: random.Random) -> list[tuple[int, str]]:
-    """(step, phase) per kill, in order: one while checkpoint step c is written, the others after a
-    random step; at least one checkpoint lies between two kills, so each restart makes progress."""
+    """(step, phase) per kill, in order: one while a checkpoint is written, the others after random
+    steps more than a checkpoint interval away from it (two of those may fall in one interval: the
+    restart then repeats the same steps, which the comparison must survive too)."""
     saving = rng.randrange(EVERY * 2, steps, EVERY)
     others = rng.sample([s for s in range(EVERY + 1, steps - 1) if abs(s - saving) > EVERY], kills - 1)
     plan = [(s, "training") for s in others] + [(saving, "writing a checkpoint")]

@@ -70,23 +70,17 @@ def test_compiled_fp32_resume_is_bit_identical(fashion_shards, compiled_run, tmp
     assert safe_load(a / "rank-00000.pt")["noise_rng"].equal(safe_load(b / "rank-00000.pt")["noise_rng"])
 
 
-def test_a_compiled_runs_checkpoint_resumes_eager(fashion_shards, compiled_run, tmp_path):
-    run = tmp_path / "eager"
-    res = run_dcgan(*tiny_train_args(fashion_shards, run, "optim.max_steps=30", *FP32),
-                    "--resume", str(compiled_run / "checkpoints" / "step-00000020"))
+@pytest.mark.parametrize("written_by, resumed_with", [("compiled_run", ()), ("trained_run", ("model.compile=true",))],
+                         ids=["compiled-resumes-eager", "eager-resumes-compiled"])
+def test_checkpoints_move_between_compiled_and_eager_runs(fashion_shards, tmp_path, request, written_by,
+                                                          resumed_with):
+    """From the step-20 checkpoint of one kind of run, 10 steps of the other kind stay as close to
+    the first run's own steps 20-30 as the compiled and eager steps stay to each other."""
+    first = request.getfixturevalue(written_by) / "checkpoints"
+    run = tmp_path / "other"
+    res = run_dcgan(*tiny_train_args(fashion_shards, run, "optim.max_steps=30", *resumed_with, *FP32),
+                    "--resume", str(first / "step-00000020"))
     assert res.returncode == 0, res.stderr[-3000:]
     for tag in ("generator", "discriminator"):
-        assert_drift_small(model_state(compiled_run / "checkpoints" / "step-00000020", tag),
-                           model_state(compiled_run / "checkpoints" / "step-00000030", tag),
-                           model_state(run / "checkpoints" / "step-00000030", tag))
-
-
-def test_an_eager_runs_checkpoint_resumes_compiled(fashion_shards, trained_run, tmp_path):
-    run = tmp_path / "compiled"
-    res = run_dcgan(*tiny_train_args(fashion_shards, run, "optim.max_steps=30", "model.compile=true", *FP32),
-                    "--resume", str(trained_run / "checkpoints" / "step-00000020"))
-    assert res.returncode == 0, res.stderr[-3000:]
-    for tag in ("generator", "discriminator"):
-        assert_drift_small(model_state(trained_run / "checkpoints" / "step-00000020", tag),
-                           model_state(trained_run / "checkpoints" / "step-00000030", tag),
+        assert_drift_small(model_state(first / "step-00000020", tag), model_state(first / "step-00000030", tag),
                            model_state(run / "checkpoints" / "step-00000030", tag))

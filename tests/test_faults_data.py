@@ -407,13 +407,16 @@ def test_a_killed_conversion_leaves_whole_shards_and_no_manifest_and_resumes_to_
     proc = subprocess.Popen(command, env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
-        while len(list((out / PROGRESS).glob("shard-*.json"))) < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        # the kill lands while a shard is being written: two done, and a shard's temp file open
+        while (len(list((out / PROGRESS).glob("shard-*.json"))) < 2 or not list(out.glob(".shard-*.tar.tmp"))) \
+                and time.monotonic() < deadline:
+            time.sleep(0.005)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the process and its workers, as a machine that dies
         proc.wait()
     done = len(list((out / PROGRESS).glob("shard-*.json")))
     assert 2 <= done < len(reference.shards) and not (out / MANIFEST_NAME).exists()
+    assert list(out.glob(".shard-*.tar.tmp"))  # the half-written shard, under its temporary name only
     by_name = {s.name: s.sha256 for s in reference.shards}
     assert all(sha256_file(p) == by_name[p.name] for p in out.glob("shard-*.tar"))  # no partial shard by name
 

@@ -57,7 +57,7 @@ def test_training_goes_on_without_metrics_when_they_cannot_be_served(tmp_path, c
     metrics.close()
 
 
-def test_every_candidate_port_taken_leaves_training_without_metrics_in_one_line(tmp_path, capsys):
+def test_every_candidate_port_taken_leaves_training_without_metrics_in_one_line(tmp_path, capsys, fashion_shards):
     from trainer.telemetry import PORT_ATTEMPTS
 
     with contextlib.ExitStack() as stack:
@@ -76,9 +76,16 @@ def test_every_candidate_port_taken_leaves_training_without_metrics_in_one_line(
         metrics = open_metrics(MetricsConfig(port=first, targets_dir=str(tmp_path / "targets")), "r", 0, 0,
                                tmp_path / "r")
         assert isinstance(metrics, NoMetrics)
+        # and a real run: it trains, checkpoints and logs, with that one line about its metrics
+        run = tmp_path / "run"
+        res = run_dcgan(*tiny_train_args(fashion_shards, run, "optim.max_steps=5", "metrics.enabled=true",
+                                         f"metrics.port={first}", f"metrics.targets_dir={tmp_path / 'targets'}"))
+    said = f"trains without metrics: no free port in {first}-{first + PORT_ATTEMPTS - 1} on 127.0.0.1"
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [line for line in res.stderr.splitlines() if "metrics" in line] == [f"metrics: rank 0 {said}"]
+    assert (run / "checkpoints" / "step-00000005").is_dir() and (run / "metrics.jsonl").read_text()
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"metrics: rank 0 trains without metrics: no free port in {first}-"
-                   f"{first + PORT_ATTEMPTS - 1} on 127.0.0.1"]
+    assert err == [f"metrics: rank 0 {said}"]
     assert not (tmp_path / "targets").exists() or not list((tmp_path / "targets").iterdir())
 
 

@@ -324,6 +324,20 @@ def test_two_ranks_keep_identical_parameters(fashion_shards, tmp_path, zero_stag
 
 
 @pytest.mark.slow
+def test_sync_batchnorm_gives_every_rank_the_global_batch_s_statistics(fashion_shards, tmp_path):
+    """Per-rank BatchNorm leaves each rank its own running statistics (the test above); synchronised,
+    the ranks normalised with the same global statistics, so theirs agree before any averaging."""
+    run, dumps = tmp_path / "run", tmp_path / "dumps"
+    two_rank_training(run, dumps, f"data.shards={fashion_shards}", "precision.dtype=fp32", "model.sync_batchnorm=true")
+    local = [torch.load(dumps / f"local-bn-rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert local[0].keys() == local[1].keys() and any("running_var" in k for k in local[0])
+    for key in local[0]:
+        torch.testing.assert_close(local[0][key], local[1][key], rtol=1e-6, atol=1e-7, msg=key)
+    assert json.loads((run / "checkpoints" / "step-00000012" / "trainer.json").read_text())["config"]["model"][
+        "sync_batchnorm"] is True
+
+
+@pytest.mark.slow
 def test_cli_nproc_launches_two_ranks(fashion_shards, tmp_path):
     run = tmp_path / "r"
     res = run_dcgan(*tiny_train_args(fashion_shards, run, "optim.max_steps=4"), "--nproc", "2")

@@ -34,6 +34,9 @@ class ModelConfig:
     # CUDA graphs that replay a network's kernels with one launch (the host, not the GPU, bounds a
     # DCGAN step there); costs a compilation at start (tens of seconds)
     compile: bool = False
+    # BatchNorm over the global batch rather than each rank's share (trainer/sync_batchnorm.py): with
+    # N ranks, per-rank BN normalises over batch_size / N images, the paper's over 128
+    sync_batchnorm: bool = False
 
 
 @dataclass

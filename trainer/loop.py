@@ -22,6 +22,7 @@ from trainer.models import build_models, fused_kernels_unavailable, sample_z
 from trainer.precision import Precision, choose_precision, probe_hardware
 from trainer.rank_state import RankState
 from trainer.step import GanStep, NonFiniteLoss
+from trainer.sync_batchnorm import synchronise_batchnorm
 from trainer.telemetry import NoMetrics, open_metrics
 
 if TYPE_CHECKING:
@@ -68,8 +69,11 @@ class Trainer:
             generator.fused_kernels = False
             if self.ctx.is_main:
                 print(f"note: model.fused_kernels: {reason}; G's blocks run in PyTorch", flush=True)
-        self.engines: GanEngines = build_engines(generator.to(self.ctx.device), discriminator.to(self.ctx.device),
-                                                 cfg, self.ctx.world_size, self.precision)
+        generator, discriminator = generator.to(self.ctx.device), discriminator.to(self.ctx.device)
+        if cfg.model.sync_batchnorm and self.ctx.world_size > 1:
+            generator, discriminator = (synchronise_batchnorm(net, self.ctx.device)
+                                        for net in (generator, discriminator))
+        self.engines: GanEngines = build_engines(generator, discriminator, cfg, self.ctx.world_size, self.precision)
         # on the training device: z costs no host work and no copy
         self.noise = torch.Generator(self.ctx.device).manual_seed(cfg.optim.seed * 100_003 + 1 + self.ctx.rank)
         self.rank_state = RankState(self.noise, self.engines)

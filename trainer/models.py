@@ -91,6 +91,8 @@ def fused_kernels_unavailable(cfg: ModelConfig, device: torch.device, zero_stage
     """Why `model.fused_kernels = true` cannot take effect here (None: it does, or was not asked for)."""
     if not cfg.fused_kernels:
         return None
+    if cfg.sync_batchnorm:
+        return "model.sync_batchnorm: the fused blocks compute each rank's own BatchNorm statistics"
     if zero_stage == 3:
         # ZeRO-3 gathers a module's partitioned parameters in that module's forward hooks, which
         # the fused blocks (reading the parameters directly) never trigger
