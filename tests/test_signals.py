@@ -36,7 +36,7 @@ class Command:
         with open(self.out, "w") as out, open(self.err, "w") as err:
             # a session of its own: a Ctrl-C meant for pytest must not reach it; the test sends the signals
             self.process = subprocess.Popen([sys.executable, "-m", "dcgan", *args], cwd=ROOT, stdout=out,
-                                            stderr=err, start_new_session=True)
+                                            stderr=err, start_new_session=True, preexec_fn=_stop_signals_default)
         self.started: list[psutil.Process] = []
 
     def output(self) -> str:
@@ -73,6 +73,14 @@ class Command:
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait()
+
+
+def _stop_signals_default() -> None:
+    """The stop signals as a terminal leaves them. A suite run in the background (`make test &`, nohup)
+    inherits SIGINT and SIGHUP ignored, and `dcgan` rightly keeps ignoring what it was asked to ignore:
+    the command under test must start as a user's would."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
 
 
 def listening_ports(processes: list[psutil.Process]) -> set[int]:
