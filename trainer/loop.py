@@ -64,16 +64,7 @@ class Trainer:
         if self.loader.steps_per_epoch(0) == 0:
             raise ShardSetError(f"{cfg.data.shards} holds {self.loader.manifest.total} samples: fewer than one "
                                 f"batch of {self.rank_batch} per rank")
-        generator, discriminator = build_models(cfg.model, cfg.optim.seed)
-        if reason := fused_kernels_unavailable(cfg.model, self.ctx.device, cfg.precision.zero_stage):
-            generator.fused_kernels = False
-            if self.ctx.is_main:
-                print(f"note: model.fused_kernels: {reason}; G's blocks run in PyTorch", flush=True)
-        generator, discriminator = generator.to(self.ctx.device), discriminator.to(self.ctx.device)
-        if cfg.model.sync_batchnorm and self.ctx.world_size > 1:
-            generator, discriminator = (synchronise_batchnorm(net, self.ctx.device)
-                                        for net in (generator, discriminator))
-        self.engines: GanEngines = build_engines(generator, discriminator, cfg, self.ctx.world_size, self.precision)
+        self.engines: GanEngines = build_engines(*self._networks(), cfg, self.ctx.world_size, self.precision)
         # on the training device: z costs no host work and no copy
         self.noise = torch.Generator(self.ctx.device).manual_seed(cfg.optim.seed * 100_003 + 1 + self.ctx.rank)
         self.rank_state = RankState(self.noise, self.engines)
@@ -98,6 +89,19 @@ class Trainer:
         # torch's global RNG: the step draws nothing from it, but it is checkpointed and start-up
         # draws from it a varying number of times; seeded last, it is a function of the seed alone
         torch.manual_seed(cfg.optim.seed * 100_003 + 2 + self.ctx.rank)
+
+    def _networks(self) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """G and D from the seed, on the device, with the BatchNorm and fused blocks the config asks for."""
+        cfg = self.cfg
+        generator, discriminator = build_models(cfg.model, cfg.optim.seed)
+        if reason := fused_kernels_unavailable(cfg.model, self.ctx.device, cfg.precision.zero_stage):
+            generator.fused_kernels = False
+            if self.ctx.is_main:
+                print(f"note: model.fused_kernels: {reason}; G's blocks run in PyTorch", flush=True)
+        nets = generator.to(self.ctx.device), discriminator.to(self.ctx.device)
+        if cfg.model.sync_batchnorm and self.ctx.world_size > 1:
+            nets = tuple(synchronise_batchnorm(net, self.ctx.device) for net in nets)
+        return nets
 
     @property
     def total_steps(self) -> int:
