@@ -287,8 +287,9 @@ def _add_eval_features(evaluate: argparse._SubParsersAction) -> None:
                     "recomputed on real images), classified by a linear L2-SVM (preprocessing and C by k-fold CV on "
                     "training labels); the same for raw pixels and randomly initialised Ds. "
                     "Tasks: Fashion-MNIST with all (--train-limit) labels, with --labels labels (mean +- std over "
-                    "--subsets class-balanced subsets), and transfer to MNIST digits. About 5 minutes on 2 CPU "
-                    "cores for a 32x32 ndf=64 D with the defaults.")
+                    "--subsets class-balanced subsets), and transfer to MNIST digits. For a 32x32 ndf=64 D on 2 "
+                    "CPU cores: about 6 minutes per feature set (5 with 3 random Ds) with --cv-limit 3000; the "
+                    "default, cross-validation at the full training size, takes several times longer.")
     feats.add_argument("--checkpoint", required=True, type=readable_path,
                        help="a checkpoint folder or a run folder (newest)")
     feats.add_argument("--labels", type=positive_int(), default=1000, help="labels per subset for the few-label row")
