@@ -15,7 +15,7 @@ BATCH = 128  # the preset's global batch
 
 def parse_args(description: str, result_name: str, steps: int, warmup: int, rounds: int) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--shards", default=str(ROOT / "data" / "fashion-mnist-32"))
+    parser.add_argument("--shards", type=Path, default=ROOT / "data" / "fashion-mnist-32")
     parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--warmup", type=int, default=warmup, help="steps left out of the throughput")
     parser.add_argument("--rounds", type=int, default=rounds)
