@@ -108,7 +108,7 @@ def main() -> None:
     parser.add_argument("--fid-every", type=int, default=2000)
     parser.add_argument("--fid-samples", type=int, default=1000)
     parser.add_argument("--random-seeds", type=int, default=3)
-    parser.add_argument("--shards", default=str(ROOT / "data" / "fashion-mnist-32"))
+    parser.add_argument("--shards", type=Path, default=ROOT / "data" / "fashion-mnist-32")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "paper-runs")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "paper_runs.json")
     args = parser.parse_args()
