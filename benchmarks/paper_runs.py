@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -55,7 +56,7 @@ def features(run: Path, out: Path, sources: str, args: argparse.Namespace) -> di
     report = out / "features.json"
     if not report.exists():
         dcgan("eval", "features", "--checkpoint", str(run), "--sources", sources, "--random-seeds",
-              str(args.random_seeds), "--out", str(out), *(QUICK if args.quick else ()))
+              str(args.random_seeds), "--out", str(out), *(QUICK if args.quick else shlex.split(args.eval_args)))
         next(out.glob("features-*.json")).rename(report)
     return json.loads(report.read_text())
 
@@ -108,6 +109,7 @@ def main() -> None:
     parser.add_argument("--fid-every", type=int, default=2000)
     parser.add_argument("--fid-samples", type=int, default=1000)
     parser.add_argument("--random-seeds", type=int, default=3)
+    parser.add_argument("--eval-args", default="", help="more options for `dcgan eval features`, e.g. \"--train-limit 5000\"")
     parser.add_argument("--shards", type=Path, default=ROOT / "data" / "fashion-mnist-32")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "paper-runs")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "paper_runs.json")
