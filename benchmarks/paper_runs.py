@@ -22,6 +22,9 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -66,6 +69,34 @@ def summary(values: list[float]) -> dict[str, float]:
             "n": len(values)}
 
 
+def subset_accuracies(source: dict) -> np.ndarray:
+    """(initialisations, subsets) accuracies at the few-label task; every source uses the same label subsets."""
+    runs = source.get("seeds", [source])
+    return np.array([[r["accuracy"] for r in run["fashion_labels"]["runs"]] for run in runs])
+
+
+def paired(trained: list[dict], baseline: dict) -> dict[str, float]:
+    """Trained D against a baseline on the shared label subsets: per subset, the mean over GAN seeds minus the
+    mean over the baseline's initialisations; how many subsets it wins and the paired t of the differences."""
+    diff = np.concatenate([subset_accuracies(t) for t in trained]).mean(0) - subset_accuracies(baseline).mean(0)
+    t = float(diff.mean() / (diff.std(ddof=1) / np.sqrt(len(diff)))) if len(diff) > 1 and diff.std() > 0 else 0.0
+    return {"mean_difference": float(diff.mean()), "wins": int((diff > 0).sum()), "subsets": len(diff),
+            "paired_t": t}
+
+
+def choices(source: dict) -> list[dict[str, Any]]:
+    """The preprocessing and c each fit chose, and whether c is an end of the grid the CV finally searched."""
+    picked = []
+    for run in source.get("seeds", [source]):
+        for task in TASKS:
+            fits = run[task].get("runs", [run[task]])
+            for fit in fits:
+                grid = sorted(float(c) for c in fit["cv_accuracy"][fit["preprocessing"]])
+                picked.append({"task": task, "preprocessing": fit["preprocessing"], "c": fit["c"],
+                               "edge": fit["c"] in (grid[0], grid[-1]) and len(grid) > 1})
+    return picked
+
+
 def fid_curves(runs: dict[int, Path]) -> dict[int, list[tuple[int, float, float]]]:
     """(step, FID, KID) of each measurement of each run."""
     return {seed: [(r["step"], r["fid"], r["kid"]) for r in records(run) if "fid" in r] for seed, run in runs.items()}
@@ -77,26 +108,53 @@ def plot(curves: dict[int, list[tuple[int, float, float]]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    for seed, points in curves.items():
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"seed {seed}")
-    ax.set_xlabel("step (batch 128)")
-    ax.set_ylabel("FID (1,000 samples)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), dpi=120)
+    for column, (axis, name) in enumerate(zip(axes, ("FID", "KID"), strict=True)):
+        for seed, points in curves.items():
+            axis.plot([p[0] for p in points], [p[1 + column] for p in points], marker="o", label=f"seed {seed}")
+        axis.set_xlabel("step (batch 128)")
+        axis.set_ylabel(name)
+        axis.grid(alpha=0.3)
+    axes[0].legend()
     fig.tight_layout()
     fig.savefig(path)
+
+
+def headers(protocol: dict) -> list[str]:
+    return [f"Fashion-MNIST, {protocol['fashion_train_used']:,} labels",
+            f"Fashion-MNIST, {protocol['labels']:,} labels (mean of {protocol['subsets']} subsets)",
+            f"MNIST transfer ({protocol['mnist_train']:,} train, {protocol['mnist_test']:,} test)"]
 
 
 def table(trained: dict[str, dict], baselines: dict, seeds: int) -> str:
     def cell(s: dict[str, float]) -> str:
         return f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f} %"
 
-    lines = [f"| features | {' | '.join(TASKS)} |", "| --- | " + " | ".join("---:" for _ in TASKS) + " |",
+    lines = [f"| features | {' | '.join(headers(baselines['protocol']))} |",
+             "| --- | " + " | ".join("---:" for _ in TASKS) + " |",
              f"| trained D (mean ± std over {seeds} GAN seeds) | " + " | ".join(cell(trained[t]) for t in TASKS) + " |"]
     for name, result in baselines["sources"].items():
         cells = [cell({"mean": result[t]["accuracy"], "std": result[t].get("accuracy_std", 0.0)}) for t in TASKS]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        over = f" (mean ± std over {len(result['seeds'])} seeds)" if "seeds" in result else ""
+        lines.append(f"| {name}{over} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def margins(trained: dict[str, dict], baselines: dict, comparisons: dict[str, dict], picked: dict[str, list],
+            final: dict[str, dict]) -> str:
+    lines = ["", "| trained D minus | " + " | ".join(headers(baselines["protocol"])) + " | subsets won, paired t |",
+             "| --- | " + " | ".join("---:" for _ in TASKS) + " | ---: |"]
+    for name, result in baselines["sources"].items():
+        diffs = [f"{100 * (trained[t]['mean'] - result[t]['accuracy']):+.2f} points" for t in TASKS]
+        pair = comparisons[name]
+        lines.append(f"| {name} | " + " | ".join(diffs) + f" | {pair['wins']} of {pair['subsets']}, "
+                     f"t = {pair['paired_t']:.1f} |")
+    edges = sum(c["edge"] for fits in picked.values() for c in fits)
+    fits = sum(len(f) for f in picked.values())
+    lines += ["", f"C at an end of the searched grid: {edges} of {fits} fits."]
+    if final:
+        lines.append(f"Final FID {final['fid']['mean']:.1f} ± {final['fid']['std']:.1f}, "
+                     f"KID {final['kid']['mean']:.4f} ± {final['kid']['std']:.4f} (over the GAN seeds).")
     return "\n".join(lines) + "\n"
 
 
@@ -109,7 +167,8 @@ def main() -> None:
     parser.add_argument("--fid-every", type=int, default=2000)
     parser.add_argument("--fid-samples", type=int, default=1000)
     parser.add_argument("--random-seeds", type=int, default=3)
-    parser.add_argument("--eval-args", default="", help="more options for `dcgan eval features`, e.g. \"--train-limit 5000\"")
+    parser.add_argument("--eval-args", default="",
+                        help="more options for `dcgan eval features`, e.g. \"--train-limit 5000\"")
     parser.add_argument("--shards", type=Path, default=ROOT / "data" / "fashion-mnist-32")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "paper-runs")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "paper_runs.json")
@@ -124,14 +183,19 @@ def main() -> None:
     trained = {t: summary([per_seed[s][t]["accuracy"] for s in seeds]) for t in TASKS}
     curves = fid_curves(runs)
     plot(curves, args.out.with_name("paper_runs_fid.png"))
-    markdown = table(trained, baselines, len(seeds))
+    comparisons = {name: paired(list(per_seed.values()), result) for name, result in baselines["sources"].items()}
+    picked = {"trained D": [c for s in seeds for c in choices(per_seed[s])],
+              **{name: choices(result) for name, result in baselines["sources"].items()}}
+    final = {"fid": summary([points[-1][1] for points in curves.values()]),
+             "kid": summary([points[-1][2] for points in curves.values()])} if all(curves.values()) else {}
+    markdown = table(trained, baselines, len(seeds)) + margins(trained, baselines, comparisons, picked, final)
     args.out.with_suffix(".md").write_text(markdown)
     print(markdown)
     write_result(args.out, "paper_runs", settings=settings_of(args), trained_d=trained,
                  trained_d_per_seed={s: {t: per_seed[s][t]["accuracy"] for t in TASKS} for s in seeds},
                  baselines={name: {t: r[t] for t in TASKS} for name, r in baselines["sources"].items()},
-                 fid=curves, protocol=baselines["protocol"])
-
+                 paired_few_labels=comparisons, choices=picked, fid=curves, final_fid_kid=final,
+                 protocol=baselines["protocol"])
 
 if __name__ == "__main__":
     main()
