@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.stats import ttest_1samp
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -69,17 +70,21 @@ def summary(values: list[float]) -> dict[str, float]:
             "n": len(values)}
 
 
+def initialisations(source: dict) -> list[dict]:
+    """A source's evaluations: one per random-D seed, or the only one."""
+    return source.get("seeds", [source])
+
+
 def subset_accuracies(source: dict) -> np.ndarray:
     """(initialisations, subsets) accuracies at the few-label task; every source uses the same label subsets."""
-    runs = source.get("seeds", [source])
-    return np.array([[r["accuracy"] for r in run["fashion_labels"]["runs"]] for run in runs])
+    return np.array([[r["accuracy"] for r in run["fashion_labels"]["runs"]] for run in initialisations(source)])
 
 
 def paired(trained: list[dict], baseline: dict) -> dict[str, float]:
     """Trained D against a baseline on the shared label subsets: per subset, the mean over GAN seeds minus the
     mean over the baseline's initialisations; how many subsets it wins and the paired t of the differences."""
     diff = np.concatenate([subset_accuracies(t) for t in trained]).mean(0) - subset_accuracies(baseline).mean(0)
-    t = float(diff.mean() / (diff.std(ddof=1) / np.sqrt(len(diff)))) if len(diff) > 1 and diff.std() > 0 else 0.0
+    t = float(ttest_1samp(diff, 0.0).statistic) if len(diff) > 1 and diff.std() > 0 else 0.0
     return {"mean_difference": float(diff.mean()), "wins": int((diff > 0).sum()), "subsets": len(diff),
             "paired_t": t}
 
@@ -87,10 +92,9 @@ def paired(trained: list[dict], baseline: dict) -> dict[str, float]:
 def choices(source: dict) -> list[dict[str, Any]]:
     """The preprocessing and c each fit chose, and whether c is an end of the grid the CV finally searched."""
     picked = []
-    for run in source.get("seeds", [source]):
+    for run in initialisations(source):
         for task in TASKS:
-            fits = run[task].get("runs", [run[task]])
-            for fit in fits:
+            for fit in run[task].get("runs", [run[task]]):
                 grid = sorted(float(c) for c in fit["cv_accuracy"][fit["preprocessing"]])
                 picked.append({"task": task, "preprocessing": fit["preprocessing"], "c": fit["c"],
                                "edge": fit["c"] in (grid[0], grid[-1]) and len(grid) > 1})
